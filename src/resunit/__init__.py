@@ -1,0 +1,34 @@
+"""resunit: residual networks in PyTorch — build them, train them, look inside them, run them fast."""
+
+from resunit.blocks import (
+    BasicBlock,
+    Bottleneck,
+    PadShortcut,
+    PreActBasicBlock,
+    PreActBottleneck,
+    ResidualUnit,
+    resolve_shortcut,
+)
+from resunit.errors import CheckpointError, ConfigError, DatasetError, ResunitError
+from resunit.models import ResNet, count_parameters, create_model, list_models
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "CheckpointError",
+    "ConfigError",
+    "DatasetError",
+    "PadShortcut",
+    "PreActBasicBlock",
+    "PreActBottleneck",
+    "ResNet",
+    "ResidualUnit",
+    "ResunitError",
+    "__version__",
+    "count_parameters",
+    "create_model",
+    "list_models",
+    "resolve_shortcut",
+]

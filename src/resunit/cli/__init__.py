@@ -1,0 +1,46 @@
+"""The ``resunit`` command: argument parsing and printing only; the library does the work.
+
+Each command group lives in its own module with a ``register(subparsers)`` function that
+adds its sub-commands and points each at a ``run(args) -> int`` handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from resunit import __version__
+from resunit.cli import zoo
+from resunit.cli.common import run_command
+
+COMMAND_MODULES = [zoo]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resunit",
+        description=(
+            "Residual networks in PyTorch: build them, train them on real images, "
+            "look inside them and run them fast. Run `resunit COMMAND --help` for details."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"resunit {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``resunit`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    return run_command(args.handler, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

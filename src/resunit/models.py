@@ -1,0 +1,362 @@
+"""ResNet assembly (stem → stages of residual units → pooled classifier) and the model registry.
+
+One ``ResNet`` class builds every family; the registry table at the bottom, not code, says
+what differs between ``resnet50`` and ``resnet56``. ImageNet models match torchvision's
+parameter counts and state_dict keys exactly, so its checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from resunit.blocks import BLOCKS, ResidualUnit, normalize_shortcut_kind
+from resunit.errors import ConfigError
+
+
+class ResNet(nn.Module):
+    """A residual network: stem, stages of residual units, global average pool, linear head.
+
+    Args:
+        block: unit type: ``"basic"``, ``"bottleneck"``, ``"preact_basic"``,
+            ``"preact_bottleneck"`` (or the class itself).
+        layers: number of units in each stage.
+        widths: "planes" of each stage; a stage outputs ``width × block.expansion`` channels.
+        stem: ``"imagenet"`` (7×7/2 conv + 3×3/2 max-pool) or ``"cifar"`` (one 3×3/1 conv).
+        stem_width: channels out of the stem (default: 64 for imagenet, ``widths[0]`` for cifar).
+        num_classes: size of the classifier (0 for no classifier: features only).
+        in_chans: input channels (1 for grayscale).
+        shortcut: shortcut kind for every unit (see :mod:`resunit.blocks`).
+        groups, width_per_group: ResNeXt cardinality and bottleneck width (64 = plain ResNet).
+        zero_init_residual: start each unit's residual at zero (Goyal et al. 2017).
+        drop_path_rate: stochastic depth of the last unit; earlier units get linearly less.
+    """
+
+    def __init__(
+        self,
+        block: str | type[ResidualUnit],
+        layers: Sequence[int],
+        widths: Sequence[int] = (64, 128, 256, 512),
+        *,
+        stem: str = "imagenet",
+        stem_width: int | None = None,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        shortcut: str = "auto",
+        groups: int = 1,
+        width_per_group: int = 64,
+        zero_init_residual: bool = False,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        block_cls = BLOCKS[block] if isinstance(block, str) else block
+        if len(layers) != len(widths) or not layers:
+            raise ConfigError(f"need one width per stage: layers={layers}, widths={widths}")
+        if stem not in ("imagenet", "cifar"):
+            raise ConfigError(f"unknown stem {stem!r}: choose 'imagenet' or 'cifar'")
+        if in_chans < 1 or num_classes < 0:
+            raise ConfigError(f"in_chans must be ≥ 1 and num_classes ≥ 0, got {in_chans}, {num_classes}")
+        self.block = block_cls
+        self.stem_type = stem
+        self.shortcut_kind = normalize_shortcut_kind(shortcut)
+        self.preactivation = block_cls.preactivation
+        self.in_chans = in_chans
+
+        stem_width = stem_width or (64 if stem == "imagenet" else widths[0])
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_chans, stem_width, 3, stride=1, padding=1, bias=False)
+        # A pre-activation network normalises in the first unit instead (He et al. 2016).
+        if not self.preactivation:
+            self.bn1 = nn.BatchNorm2d(stem_width)
+            self.relu = nn.ReLU(inplace=True)
+        if stem == "imagenet":
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+        total_units = sum(layers)
+        unit_index = 0
+        channels = stem_width
+        self.stage_names: list[str] = []
+        for stage, (depth, planes) in enumerate(zip(layers, widths, strict=True)):
+            units = []
+            for i in range(depth):
+                stride = 2 if stage > 0 and i == 0 else 1
+                rate = drop_path_rate * unit_index / max(total_units - 1, 1)
+                unit = block_cls(
+                    channels,
+                    planes,
+                    stride,
+                    shortcut=self.shortcut_kind,
+                    groups=groups,
+                    base_width=width_per_group,
+                    drop_path=rate,
+                )
+                units.append(unit)
+                channels = unit.out_channels
+                unit_index += 1
+            name = f"layer{stage + 1}"
+            self.add_module(name, nn.Sequential(*units))
+            self.stage_names.append(name)
+        self.num_features = channels
+
+        if self.preactivation:
+            self.final_bn = nn.BatchNorm2d(channels)
+            self.final_relu = nn.ReLU(inplace=True)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc: nn.Module = nn.Linear(channels, num_classes) if num_classes else nn.Identity()
+        self.num_classes = num_classes
+
+        self._init_weights(zero_init_residual)
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
+        # He initialisation (fan-out, as torchvision); BN starts as the identity transform.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for unit in self.units():
+                unit.zero_init_residual()
+
+    # --- structure -------------------------------------------------------------------------
+
+    @property
+    def stages(self) -> list[nn.Sequential]:
+        """The stages in order (``layer1``, ``layer2``, …)."""
+        return [getattr(self, name) for name in self.stage_names]
+
+    def named_units(self) -> Iterator[tuple[str, ResidualUnit]]:
+        """Every residual unit with its state_dict prefix, e.g. ``("layer2.0", unit)``."""
+        for name in self.stage_names:
+            for i, unit in enumerate(getattr(self, name)):
+                yield f"{name}.{i}", unit
+
+    def units(self) -> list[ResidualUnit]:
+        """Every residual unit in forward order."""
+        return [unit for _, unit in self.named_units()]
+
+    # --- forward ---------------------------------------------------------------------------
+
+    def forward_stem(self, x: Tensor) -> Tensor:
+        x = self.conv1(x)
+        if not self.preactivation:
+            x = self.relu(self.bn1(x))
+        if self.stem_type == "imagenet":
+            x = self.maxpool(x)
+        return x
+
+    def _finish_features(self, x: Tensor) -> Tensor:
+        if self.preactivation:
+            x = self.final_relu(self.final_bn(x))
+        return x
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Image batch → last feature map (before pooling)."""
+        x = self.forward_stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self._finish_features(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Feature map → logits (or the pooled features with ``pre_logits=True``)."""
+        x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def features(self, x: Tensor) -> list[Tensor]:
+        """The output map of every stage, highest resolution first."""
+        maps = []
+        x = self.forward_stem(x)
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        maps[-1] = self._finish_features(maps[-1])
+        return maps
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a freshly initialised one for ``num_classes`` classes."""
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+
+
+# --- registry ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered architecture: the ``ResNet`` arguments plus what a table shows about it."""
+
+    name: str
+    family: str
+    description: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+IMAGENET_WIDTHS = (64, 128, 256, 512)
+CIFAR_WIDTHS = (16, 32, 64)
+
+
+def _register(name: str, family: str, description: str, **kwargs: Any) -> None:
+    _REGISTRY[name] = ModelSpec(name, family, description, kwargs)
+
+
+_IMAGENET_LAYERS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3],
+                    152: [3, 8, 36, 3]}  # fmt: skip
+for _depth, _layers in _IMAGENET_LAYERS.items():
+    _register(
+        f"resnet{_depth}",
+        "imagenet",
+        f"ResNet-{_depth} (He et al. 2015), torchvision-compatible",
+        block="basic" if _depth < 50 else "bottleneck",
+        layers=_layers,
+    )
+for _depth, _wpg in [(50, 128), (101, 128)]:
+    _register(
+        f"wide_resnet{_depth}_2",
+        "imagenet",
+        f"Wide ResNet-{_depth}-2: bottleneck 3×3 twice as wide, torchvision-compatible",
+        block="bottleneck",
+        layers=_IMAGENET_LAYERS[_depth],
+        width_per_group=_wpg,
+    )
+for _depth, _groups, _wpg in [(50, 32, 4), (101, 32, 8)]:
+    _register(
+        f"resnext{_depth}_{_groups}x{_wpg}d",
+        "imagenet",
+        f"ResNeXt-{_depth} {_groups}×{_wpg}d (Xie et al. 2017), torchvision-compatible",
+        block="bottleneck",
+        layers=_IMAGENET_LAYERS[_depth],
+        groups=_groups,
+        width_per_group=_wpg,
+    )
+
+# CIFAR networks of He et al. 2015 §4.2: 6n+2 layers, 16/32/64 channels, option-A shortcuts.
+for _depth in (20, 32, 44, 56, 110, 1202):
+    _n = (_depth - 2) // 6
+    _register(
+        f"resnet{_depth}",
+        "cifar",
+        f"CIFAR ResNet-{_depth}: 3 stages × {_n} basic units, option A shortcuts",
+        block="basic",
+        layers=[_n] * 3,
+        widths=CIFAR_WIDTHS,
+        stem="cifar",
+        shortcut="pad",
+        num_classes=10,
+    )
+for _depth in (20, 32, 44, 56, 110):
+    _n = (_depth - 2) // 6
+    _register(
+        f"plain{_depth}",
+        "cifar-plain",
+        f"Plain-{_depth}: ResNet-{_depth} without shortcuts (the degradation baseline)",
+        block="basic",
+        layers=[_n] * 3,
+        widths=CIFAR_WIDTHS,
+        stem="cifar",
+        shortcut="none",
+        num_classes=10,
+    )
+# Pre-activation networks of He et al. 2016 (arXiv:1603.05027), projection where shapes change.
+_register(
+    "preact_resnet110",
+    "cifar-preact",
+    "Pre-activation ResNet-110: 3 stages × 18 basic units",
+    block="preact_basic",
+    layers=[18] * 3,
+    widths=CIFAR_WIDTHS,
+    stem="cifar",
+    num_classes=10,
+)
+for _depth in (164, 1001):
+    _n = (_depth - 2) // 9
+    _register(
+        f"preact_resnet{_depth}",
+        "cifar-preact",
+        f"Pre-activation ResNet-{_depth}: 3 stages × {_n} bottleneck units",
+        block="preact_bottleneck",
+        layers=[_n] * 3,
+        widths=CIFAR_WIDTHS,
+        stem="cifar",
+        num_classes=10,
+    )
+# Wide ResNets (Zagoruyko & Komodakis 2016): WRN-d-k, pre-activation basic units, (d−4)/6 each.
+for _depth, _k in [(16, 4), (28, 10)]:
+    _n = (_depth - 4) // 6
+    _register(
+        f"wrn_{_depth}_{_k}",
+        "cifar-wide",
+        f"Wide ResNet-{_depth}-{_k}: 3 stages × {_n} pre-activation units, widths ×{_k}",
+        block="preact_basic",
+        layers=[_n] * 3,
+        widths=tuple(w * _k for w in CIFAR_WIDTHS),
+        stem="cifar",
+        stem_width=16,
+        num_classes=10,
+    )
+
+
+def list_models(family: str | None = None) -> list[str]:
+    """Names of the registered models (optionally of one family), in registration order."""
+    families = {spec.family for spec in _REGISTRY.values()}
+    if family is not None and family not in families:
+        raise ConfigError(f"unknown family {family!r}: choose one of {', '.join(sorted(families))}")
+    return [name for name, spec in _REGISTRY.items() if family in (None, spec.family)]
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """The registry entry for ``name``; a clear error naming close matches otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(
+            f"unknown model {name!r}{hint}; `resunit models` lists the available ones"
+        ) from None
+
+
+def create_model(
+    name: str,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    **overrides: Any,
+) -> ResNet:
+    """Build a registered model, e.g. ``create_model("resnet20", num_classes=10, in_chans=1)``.
+
+    ``overrides`` replace any :class:`ResNet` argument (``shortcut="B"``,
+    ``zero_init_residual=True``, ``drop_path_rate=0.1`` …).
+    """
+    kwargs = dict(get_model_spec(name).kwargs)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if in_chans is not None:
+        kwargs["in_chans"] = in_chans
+    kwargs.update(overrides)
+    try:
+        return ResNet(**kwargs)
+    except TypeError as exc:  # an override that ResNet does not take
+        raise ConfigError(f"cannot build {name!r}: {exc}") from None
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of learnable parameters (what papers and torchvision's tables report)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_parameter_count(name: str, **overrides: Any) -> int:
+    """Parameter count of a registered model, built on the meta device (no memory, instant)."""
+    with torch.device("meta"):
+        return count_parameters(create_model(name, **overrides))
