@@ -438,4 +438,3 @@ def unit_output_shape(unit: ResidualUnit, height: int, width: int) -> tuple[int,
     """(channels, height, width) that ``unit`` produces from a ``height``×``width`` input."""
     s = unit.stride
     return unit.out_channels, -(-height // s), -(-width // s)
-

@@ -59,7 +59,9 @@ class ResNet(nn.Module):
         if stem not in ("imagenet", "cifar"):
             raise ConfigError(f"unknown stem {stem!r}: choose 'imagenet' or 'cifar'")
         if in_chans < 1 or num_classes < 0:
-            raise ConfigError(f"in_chans must be ≥ 1 and num_classes ≥ 0, got {in_chans}, {num_classes}")
+            raise ConfigError(
+                f"in_chans must be ≥ 1 and num_classes ≥ 0, got {in_chans}, {num_classes}"
+            )
         self.block = block_cls
         self.stem_type = stem
         self.shortcut_kind = normalize_shortcut_kind(shortcut)

@@ -13,7 +13,9 @@ from resunit.errors import ResunitError
 USAGE_ERROR = 2
 
 
-def run_command(handler: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+def run_command(
+    handler: Callable[[argparse.Namespace], int | None], args: argparse.Namespace
+) -> int:
     """Run a command handler; a ``ResunitError`` becomes one line on stderr and exit code 2."""
     try:
         return handler(args) or 0
@@ -46,4 +48,6 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: s
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    parser.add_argument(
+        "--json", action="store_true", help="print machine-readable JSON instead of a table"
+    )

@@ -1,0 +1,123 @@
+"""Safe checkpoint reading and weight loading: never executes code from a file.
+
+Every read goes through ``torch.load(weights_only=True)``, which refuses pickled code, and
+every failure becomes a :class:`~resunit.errors.CheckpointError` whose message says what is
+wrong with which file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from resunit.errors import CheckpointError
+
+# Names under which common checkpoint formats keep the model's weights.
+_STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "model_state")
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a checkpoint file as plain tensors and containers; code in it is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or unsafe files
+        text = str(exc)
+        if "Weights only load failed" in text or "Unsupported global" in text:
+            raise CheckpointError(
+                f"{path} contains Python objects that are not plain weights; refusing to load it "
+                "(loading would execute code from the file)"
+            ) from None
+        first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or corrupt?): {first_line}"
+        ) from None
+    if not isinstance(payload, Mapping):
+        raise CheckpointError(
+            f"{path} holds a {type(payload).__name__}, not a checkpoint dictionary"
+        )
+    return dict(payload)
+
+
+def extract_state_dict(payload: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The model weights inside a checkpoint payload (a bare state_dict or a wrapped one).
+
+    Strips the ``module.`` prefix that DistributedDataParallel adds to every key.
+    """
+    for key in _STATE_DICT_KEYS:
+        if isinstance(payload.get(key), Mapping):
+            payload = payload[key]
+            break
+    if not payload or not all(isinstance(v, Tensor) for v in payload.values()):
+        raise CheckpointError("no model weights found in the checkpoint")
+    state = dict(payload)
+    if all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_weights` did: keys loaded and head keys left freshly initialised."""
+
+    loaded: list[str] = field(default_factory=list)
+    skipped_head: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = f"loaded {len(self.loaded)} tensors"
+        if self.skipped_head:
+            text += (
+                f"; kept a fresh classifier head ({', '.join(self.skipped_head)}: shape differs)"
+            )
+        return text
+
+
+def load_weights(
+    model: nn.Module,
+    source: str | os.PathLike[str] | Mapping[str, Tensor],
+    *,
+    head_prefix: str = "fc.",
+) -> LoadReport:
+    """Load weights strictly, except a classifier head whose number of classes differs.
+
+    This is fine-tuning's usual first step: a 1000-class checkpoint into a 10-class model
+    loads everything but ``fc`` and says so in the returned report. Any other missing,
+    unexpected or mis-shaped key is an error that lists the keys (another architecture).
+    """
+    state = extract_state_dict(
+        read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
+    )
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    skipped_head = [k for k in mismatched if k.startswith(head_prefix)]
+    problems = []
+    if missing:
+        problems.append(f"missing {_short_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_short_list(unexpected)}")
+    if len(skipped_head) < len(mismatched):
+        bad = [k for k in mismatched if k not in skipped_head]
+        problems.append(
+            "shape mismatch "
+            + _short_list([f"{k} {tuple(state[k].shape)}≠{tuple(own[k].shape)}" for k in bad])
+        )
+    if problems:
+        raise CheckpointError("checkpoint does not fit this architecture: " + "; ".join(problems))
+    to_load = {k: v for k, v in state.items() if k not in skipped_head}
+    model.load_state_dict(to_load, strict=False)
+    return LoadReport(loaded=sorted(to_load), skipped_head=skipped_head)
+
+
+def _short_list(keys: list[str], limit: int = 5) -> str:
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
