@@ -1,4 +1,4 @@
-"""resunit: residual networks in PyTorch — build them, train them, look inside them, run them fast."""
+"""resunit: residual networks in PyTorch — build, train, inspect and run them fast."""
 
 from resunit.blocks import (
     BasicBlock,

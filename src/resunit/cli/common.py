@@ -40,7 +40,10 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: s
     align = align.ljust(len(headers), "l")
 
     def line(row: Sequence[str]) -> str:
-        parts = [c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(row, widths, align)]
+        parts = [
+            c.rjust(w) if a == "r" else c.ljust(w)
+            for c, w, a in zip(row, widths, align, strict=True)
+        ]
         return "  ".join(parts).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
