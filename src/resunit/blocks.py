@@ -167,11 +167,19 @@ class ResidualUnit(nn.Module):
         self.out_channels = out_channels
         self.stride = stride
         self.shortcut_kind = resolve_shortcut(in_channels, out_channels, stride, shortcut)
+        self.drop_path = DropPath(drop_path)
+
+    def _attach_shortcut(self) -> None:
+        """Create ``downsample``; subclasses call this last so that the state_dict lists the
+        shortcut after the residual layers, in torchvision's order."""
         # Pre-activation projections carry no BN: the next unit normalises the sum.
         self.downsample = make_shortcut(
-            self.shortcut_kind, in_channels, out_channels, stride, with_norm=not self.preactivation
+            self.shortcut_kind,
+            self.in_channels,
+            self.out_channels,
+            self.stride,
+            with_norm=not self.preactivation,
         )
-        self.drop_path = DropPath(drop_path)
 
     @property
     def has_shortcut(self) -> bool:
@@ -222,6 +230,7 @@ class BasicBlock(ResidualUnit):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
+        self._attach_shortcut()
 
     def residual(self, x: Tensor) -> Tensor:
         out = self.conv1(x)
@@ -272,6 +281,7 @@ class Bottleneck(ResidualUnit):
         self.conv3 = conv1x1(width, self.out_channels)
         self.bn3 = nn.BatchNorm2d(self.out_channels)
         self.relu = nn.ReLU(inplace=True)
+        self._attach_shortcut()
 
     def residual(self, x: Tensor) -> Tensor:
         out = self.conv1(x)
@@ -352,6 +362,7 @@ class PreActBasicBlock(PreActUnit):
         self.conv1 = conv3x3(in_channels, planes, stride)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes)
+        self._attach_shortcut()
 
     def residual_from_preactivated(self, out: Tensor) -> Tensor:
         out = self.conv1(out)
@@ -387,6 +398,7 @@ class PreActBottleneck(PreActUnit):
         self.conv2 = conv3x3(width, width, stride, groups)
         self.bn3 = nn.BatchNorm2d(width)
         self.conv3 = conv1x1(width, self.out_channels)
+        self._attach_shortcut()
 
     def residual_from_preactivated(self, out: Tensor) -> Tensor:
         out = self.conv1(out)

@@ -1,0 +1,241 @@
+"""The model zoo: published parameter counts, torchvision compatibility, shortcut placement."""
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from resunit.errors import ConfigError
+from resunit.models import (
+    ResNet,
+    count_parameters,
+    create_model,
+    get_model_spec,
+    list_models,
+    model_parameter_count,
+)
+
+TORCHVISION = json.loads(
+    (Path(__file__).parent / "data" / "torchvision_state_dicts.json").read_text()
+)["models"]
+
+# torchvision's model table (https://pytorch.org/vision/stable/models.html).
+PUBLISHED_IMAGENET = {
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+    "wide_resnet50_2": 68_883_240,
+    "resnext50_32x4d": 25_028_904,
+}
+# He et al. 2015, Table 6 ("0.27M, 0.46M, 0.66M, 0.85M, 1.7M, 19.4M"), counted exactly.
+PUBLISHED_CIFAR = {
+    "resnet20": 269_722,
+    "resnet32": 464_154,
+    "resnet44": 658_586,
+    "resnet56": 853_018,
+    "resnet110": 1_727_962,
+    "resnet1202": 19_421_274,
+}
+
+
+@pytest.mark.parametrize(("name", "count"), PUBLISHED_IMAGENET.items())
+def test_imagenet_parameter_counts_match_torchvision(name, count):
+    assert model_parameter_count(name) == count
+
+
+@pytest.mark.parametrize(("name", "count"), PUBLISHED_CIFAR.items())
+def test_cifar_parameter_counts_match_the_paper(name, count):
+    assert model_parameter_count(name) == count
+
+
+@pytest.mark.parametrize("name", PUBLISHED_CIFAR)
+def test_option_b_adds_2752_parameters(name):
+    # Two projections: 16→32 (512 + 64 BN) and 32→64 (2,048 + 128 BN).
+    assert model_parameter_count(name, shortcut="B") - PUBLISHED_CIFAR[name] == 2_752
+    assert model_parameter_count(name, shortcut="auto") - PUBLISHED_CIFAR[name] == 2_752
+
+
+@pytest.mark.parametrize("depth", [20, 32, 44, 56, 110])
+def test_plain_nets_have_the_same_layers_without_shortcuts(depth):
+    plain = create_model(f"plain{depth}")
+    residual = create_model(f"resnet{depth}")
+    assert all(unit.shortcut_kind == "none" for unit in plain.units())
+    assert count_parameters(plain) == count_parameters(residual)  # option A is parameter-free
+    weighted = [m for m in plain.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(weighted) == depth  # "6n+2 stacked weighted layers"
+
+
+def test_other_published_sizes():
+    # Zagoruyko & Komodakis: WRN-28-10 36.5M, WRN-16-4 2.7M.
+    # He et al. 2016: pre-activation ResNet-164 1.7M, ResNet-1001 10.2M.
+    assert model_parameter_count("wrn_28_10") == 36_479_194
+    assert round(model_parameter_count("wrn_16_4") / 1e6, 1) == 2.7
+    assert round(model_parameter_count("preact_resnet164") / 1e6, 1) == 1.7
+    assert abs(model_parameter_count("preact_resnet1001") / 1e6 - 10.2) < 0.15
+
+
+# --- torchvision compatibility ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION))
+def test_state_dict_keys_and_shapes_equal_torchvision(name):
+    with torch.device("meta"):
+        model = create_model(name)
+    ours = [[k, list(v.shape)] for k, v in model.state_dict().items()]
+    assert ours == TORCHVISION[name]["state_dict"]
+    assert count_parameters(model) == TORCHVISION[name]["parameters"]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_torchvision_weights_load_strictly_and_give_the_same_logits(name):
+    torchvision = pytest.importorskip("torchvision")
+    reference = getattr(torchvision.models, name)().eval()
+    ours = create_model(name).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x))
+
+
+# --- where identity and projection shortcuts go ----------------------------------------------
+
+
+def expected_shortcut(model: ResNet, unit: nn.Module) -> str:
+    """The rule, restated: identity exactly when shapes match, otherwise the model's kind."""
+    if model.shortcut_kind == "none":
+        return "none"
+    if model.shortcut_kind == "projection":
+        return "projection"
+    if unit.in_channels == unit.out_channels and unit.stride == 1:
+        return "identity"
+    return {"auto": "projection"}.get(model.shortcut_kind, model.shortcut_kind)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_shortcut_of_every_unit_follows_the_rule(name):
+    with torch.device("meta"):
+        model = create_model(name)
+    units = list(model.named_units())
+    for _, unit in units:
+        assert unit.shortcut_kind == expected_shortcut(model, unit)
+        has_parameters = (
+            any(True for _ in unit.downsample.parameters()) if unit.downsample else False
+        )
+        assert has_parameters == (unit.shortcut_kind in ("projection", "avgpool"))
+    # Only the first unit of a stage may change shape; every other unit is identity-shaped.
+    for prefix, unit in units:
+        if not prefix.endswith(".0"):
+            assert unit.in_channels == unit.out_channels and unit.stride == 1
+
+
+def test_imagenet_projections_sit_exactly_where_torchvision_downsamples():
+    for name in TORCHVISION:
+        expected = {
+            k.split(".downsample")[0]
+            for k, _ in TORCHVISION[name]["state_dict"]
+            if ".downsample." in k
+        }
+        with torch.device("meta"):
+            model = create_model(name)
+        ours = {
+            prefix for prefix, unit in model.named_units() if unit.shortcut_kind == "projection"
+        }
+        assert ours == expected, name
+
+
+def test_cifar_option_a_pads_only_at_the_two_stage_transitions():
+    kinds = {p: u.shortcut_kind for p, u in create_model("resnet20").named_units()}
+    assert [p for p, k in kinds.items() if k == "pad"] == ["layer2.0", "layer3.0"]
+    assert all(k == "identity" for p, k in kinds.items() if p not in ("layer2.0", "layer3.0"))
+
+
+def test_option_c_projects_every_unit():
+    model = create_model("resnet20", shortcut="C")
+    assert all(unit.shortcut_kind == "projection" for unit in model.units())
+
+
+# --- every model runs, in any size ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_runs_forward_and_backward_and_gradients_reach_the_first_layer(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7)
+    family = get_model_spec(name).family
+    x = torch.randn(2, 3, 32 if family == "imagenet" else 8, 32 if family == "imagenet" else 8)
+    out = model(x)
+    assert out.shape == (2, 7)
+    out.square().mean().backward()
+    grad = model.conv1.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"), [("resnet18", (1, 3, 37, 53)), ("resnet20", (3, 1, 8, 8))]
+)
+def test_any_input_size_and_grayscale(name, shape):
+    model = create_model(name, num_classes=5, in_chans=shape[1]).eval()
+    assert model(torch.randn(*shape)).shape == (shape[0], 5)
+
+
+def test_features_and_head_compose_to_forward():
+    model = create_model("resnet56").eval()
+    x = torch.randn(2, 3, 32, 32)
+    maps = model.features(x)
+    assert [tuple(m.shape[1:]) for m in maps] == [(16, 32, 32), (32, 16, 16), (64, 8, 8)]
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_head(model.forward_features(x)), model(x))
+        torch.testing.assert_close(model.forward_head(maps[-1]), model(x))
+        assert model.forward_head(maps[-1], pre_logits=True).shape == (2, 64)
+
+
+def test_preact_features_end_with_the_final_bn_relu():
+    model = create_model("wrn_16_4").eval()
+    maps = model.features(torch.randn(1, 3, 16, 16))
+    assert maps[-1].min() >= 0  # after the final ReLU
+    assert maps[-1].shape[1] == model.num_features == 256
+
+
+def test_reset_classifier():
+    model = create_model("resnet18").eval()
+    model.reset_classifier(3)
+    assert model.fc.out_features == 3 and model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 512)
+
+
+def test_zero_init_residual_zeroes_every_last_bn():
+    model = create_model("resnet50", zero_init_residual=True)
+    assert all(torch.count_nonzero(u.bn3.weight) == 0 for u in model.units())
+    assert all(torch.count_nonzero(u.bn1.weight) > 0 for u in model.units())
+
+
+def test_drop_path_rate_grows_linearly_with_depth():
+    model = create_model("resnet20", drop_path_rate=0.2)
+    rates = [u.drop_path.drop_prob for u in model.units()]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2)
+    assert all(b > a for a, b in itertools.pairwise(rates))
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(ConfigError, match="did you mean resnet50"):
+        create_model("resnt50")
+
+
+def test_unknown_override_is_a_config_error():
+    with pytest.raises(ConfigError, match="cannot build 'resnet20'"):
+        create_model("resnet20", colour="red")
+
+
+def test_impossible_pad_configuration_is_refused():
+    # A bottleneck's 64-channel stem into a 64·4 stage is fine; 256 → 128 is not padding.
+    with pytest.raises(ConfigError, match="pad"):
+        ResNet("basic", [1, 1], widths=(64, 32), stem="cifar", shortcut="pad")
