@@ -1,13 +1,15 @@
 """Safe checkpoint reading and weight loading: never executes code from a file.
 
-Every read goes through ``torch.load(weights_only=True)``, which refuses pickled code, and
-every failure becomes a :class:`~resunit.errors.CheckpointError` whose message says what is
-wrong with which file.
+Every read goes through ``torch.load(weights_only=True)``, which refuses pickled code; every
+write is atomic (temporary file, fsync, rename); every failure becomes a
+:class:`~resunit.errors.CheckpointError` whose message says what is wrong with which file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from resunit.errors import CheckpointError
+from resunit.errors import CheckpointError, ResunitError
+from resunit.models import ResNet, create_model
 
 # Names under which common checkpoint formats keep the model's weights.
 _STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "model_state")
@@ -121,3 +124,72 @@ def load_weights(
 def _short_list(keys: list[str], limit: int = 5) -> str:
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
+
+
+# --- atomic writing and rebuilding a trained model ------------------------------------------
+
+
+def save_checkpoint(payload: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``payload`` with ``torch.save`` atomically: temporary file, flush, fsync, rename.
+
+    A crash at any moment leaves either the previous file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(payload), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_model(path: str | os.PathLike[str]) -> tuple[ResNet, dict[str, Any]]:
+    """Rebuild a trained model from a resunit checkpoint and load its weights safely.
+
+    The checkpoint's ``config`` (model name, num_classes, in_chans, overrides, dataset,
+    mean/std, classes, input size) says what to build. Returns (model in eval mode, config).
+    """
+    payload = read_checkpoint(path)
+    config = payload.get("config")
+    if not isinstance(config, Mapping) or "model" not in config:
+        raise CheckpointError(
+            f"{path} has no resunit model config (was it written by `resunit train`?); build "
+            "the model yourself and use resunit.checkpoint.load_weights"
+        )
+    config = dict(config)
+    try:
+        model = create_model(
+            config["model"],
+            num_classes=config.get("num_classes"),
+            in_chans=config.get("in_chans"),
+            **dict(config.get("model_overrides") or {}),
+        )
+    except ResunitError as exc:
+        raise CheckpointError(f"{path}: cannot rebuild its model: {exc}") from None
+    try:
+        load_weights(model, payload)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    return model.eval(), config

@@ -1,0 +1,313 @@
+"""``resunit train``, ``eval``, ``predict`` and ``data download``: parsing and printing only."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from resunit.cli.common import add_json_flag, format_table, print_json
+from resunit.data import DATASETS, DOWNLOADS, download_dataset, load_dataset
+from resunit.errors import DatasetError
+from resunit.train import RECIPES, SCHEDULES, TrainConfig, make_config
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_train(subparsers)
+    _register_eval(subparsers)
+    _register_predict(subparsers)
+    _register_data(subparsers)
+
+
+# --- train ----------------------------------------------------------------------------------
+
+
+def _register_train(subparsers: argparse._SubParsersAction) -> None:
+    defaults = TrainConfig()
+    p = subparsers.add_parser(
+        "train",
+        help="train a residual network (default: resnet20 on the embedded digits)",
+        description="Train a model on real images. With no options: resnet20 on scikit-learn's "
+        "8×8 handwritten digits with the `fast` recipe (nothing to download). Each option "
+        "left out comes from the recipe (default: `fast` for digits, `he2015` for CIFAR), then "
+        "from the built-in defaults. Under torchrun, trains with DistributedDataParallel.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=None,
+    )
+    g = p.add_argument_group("what to train")
+    g.add_argument(
+        "--model",
+        help=f"registered model name (`resunit models`; built-in default {defaults.model})",
+    )
+    g.add_argument("--data", choices=DATASETS, help="dataset (default digits)")
+    g.add_argument("--data-root", help="directory holding the dataset (CIFAR, imagefolder)")
+    g.add_argument("--recipe", choices=sorted(RECIPES), help="named preset of hyper-parameters")
+    g.add_argument("--out", help="run directory (default runs/DATA-MODEL-TIMESTAMP)")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from last.pt")
+    g = p.add_argument_group("schedule")
+    g.add_argument("--epochs", type=int, help="number of epochs")
+    g.add_argument("--steps", type=int, help="number of iterations (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, help="images per step per process")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--momentum", type=float, help="SGD momentum")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum")
+    g.add_argument("--weight-decay", type=float, help="L2 on conv/linear weights (not BN, bias)")
+    g.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule")
+    g.add_argument(
+        "--milestones",
+        type=float,
+        nargs="+",
+        help="multistep: fractions of training at which lr is multiplied by gamma",
+    )
+    g.add_argument("--gamma", type=float, help="multistep: lr factor at each milestone")
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length in epochs")
+    g.add_argument("--label-smoothing", type=float, help="label smoothing (0 = none)")
+    g = p.add_argument_group("data and augmentation")
+    g.add_argument("--crop-padding", type=int, help="pad by N pixels, then random crop (0 = off)")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flip")
+    g.add_argument("--cutout", type=int, help="cutout square size in pixels (0 = off)")
+    g.add_argument(
+        "--val-fraction",
+        type=float,
+        help="carve this fraction of train as validation (picks best.pt)",
+    )
+    g.add_argument("--input-size", type=int, help="resize images to N×N before the model")
+    g = p.add_argument_group("speed and reproducibility")
+    g.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--threads", type=int, help="CPU threads for torch")
+    g.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
+    g.add_argument(
+        "--channels-last", action="store_true", default=None, help="channels_last memory format"
+    )
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--seed", type=int, help="random seed (weights, data order, augmentation)")
+    g.add_argument(
+        "--tensorboard",
+        action="store_true",
+        default=None,
+        help="also log to RUN_DIR/tensorboard (needs the tensorboard package)",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar or epoch lines")
+    add_json_flag(p)
+    p.set_defaults(handler=run_train)
+
+
+_TRAIN_OPTIONS = [
+    "model",
+    "data",
+    "data_root",
+    "out",
+    "epochs",
+    "steps",
+    "batch_size",
+    "lr",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "schedule",
+    "milestones",
+    "gamma",
+    "warmup_epochs",
+    "label_smoothing",
+    "crop_padding",
+    "flip",
+    "cutout",
+    "val_fraction",
+    "input_size",
+    "device",
+    "threads",
+    "bf16",
+    "channels_last",
+    "compile",
+    "seed",
+    "tensorboard",
+]
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from resunit.train import train
+
+    if args.resume:
+        summary = train(
+            TrainConfig(), progress=not args.no_progress and not args.json, resume=args.resume
+        )
+    else:
+        options = {name: getattr(args, name) for name in _TRAIN_OPTIONS}
+        config = make_config(args.recipe, **options)
+        summary = train(config, progress=not args.no_progress and not args.json)
+    if summary.get("is_main", True) is False:
+        return 0
+    if args.json:
+        print_json(summary)
+    elif summary["interrupted"]:
+        print(
+            f"interrupted after {summary['steps']} steps; checkpoint saved. Continue with:\n"
+            f"  resunit train --resume {summary['run_dir']}"
+        )
+    else:
+        _print_summary(summary)
+    return 130 if summary["interrupted"] else 0
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    rows = [
+        ("model", summary["model"]),
+        ("data", summary["data"]),
+        ("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
+        ("time", f"{summary['seconds']:.1f} s ({summary['images_per_second']:,.0f} img/s)"),
+    ]
+    if summary.get("best_val_accuracy") is not None:
+        rows.append(
+            (
+                "best val accuracy",
+                f"{summary['best_val_accuracy']:.2%} (epoch {summary['best_epoch']})",
+            )
+        )
+    rows.append(("test accuracy", f"{summary['test_accuracy']:.2%}"))
+    rows.append(("run directory", summary["run_dir"]))
+    print(format_table(["", "result"], rows))
+
+
+# --- eval -----------------------------------------------------------------------------------
+
+
+def _register_eval(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="test accuracy, per-class accuracy and confusion matrix of a checkpoint",
+        description="Evaluate a trained checkpoint on its dataset's test split (or another "
+        "dataset with the same classes). Prints accuracy, per-class accuracy and the confusion "
+        "matrix, and writes the confusion matrix as a PNG.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a best.pt or last.pt from `resunit train`")
+    p.add_argument("--data", choices=DATASETS, help="dataset (default: the one it was trained on)")
+    p.add_argument("--data-root", help="directory holding the dataset")
+    p.add_argument("--split", default="test", choices=("train", "test"), help="which split")
+    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
+    p.add_argument("--plot", help="confusion-matrix PNG path (default: next to the checkpoint)")
+    add_json_flag(p)
+    p.set_defaults(handler=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from resunit.checkpoint import load_model
+    from resunit.train import evaluate
+
+    model, config = load_model(args.checkpoint)
+    data = args.data or config.get("data", "digits")
+    root = args.data_root or config.get("data_root")
+    dataset = load_dataset(data, args.split, root)
+    if dataset.num_classes != config["num_classes"] or dataset.in_chans != config["in_chans"]:
+        raise DatasetError(
+            f"{data} has {dataset.num_classes} classes × {dataset.in_chans} channels but the "
+            f"checkpoint expects {config['num_classes']} × {config['in_chans']}"
+        )
+    # Normalise exactly as in training, whatever this dataset's own statistics are.
+    dataset.mean, dataset.std = tuple(config["mean"]), tuple(config["std"])
+    result = evaluate(model, dataset, args.batch_size, input_size=config.get("input_size"))
+    plot = (
+        Path(args.plot)
+        if args.plot
+        else (Path(args.checkpoint).with_name(f"confusion_{data}_{args.split}.png"))
+    )
+    try:
+        from resunit.plots import plot_confusion_matrix
+
+        plot_confusion_matrix(
+            result["confusion_matrix"],
+            result["classes"],
+            plot,
+            title=f"{config['model']} on {data} {args.split}",
+        )
+        result["confusion_png"] = str(plot)
+    except ImportError:
+        result["confusion_png"] = None
+    result.update(checkpoint=args.checkpoint, data=data, split=args.split)
+    if args.json:
+        print_json(result)
+        return 0
+    print(
+        f"{config['model']} on {data} {args.split}: accuracy {result['accuracy']:.2%} "
+        f"({result['count']} images, loss {result['loss']:.4f})\n"
+    )
+    classes = result["classes"]
+    rows = [
+        (c, f"{a:.2%}", sum(result["confusion_matrix"][i]))
+        for i, (c, a) in enumerate(zip(classes, result["per_class_accuracy"], strict=True))
+    ]
+    print(format_table(["class", "accuracy", "images"], rows, align="lrr"))
+    if len(classes) <= 20:
+        print("\nconfusion matrix (rows: true class, columns: predicted)")
+        matrix = [[c, *row] for c, row in zip(classes, result["confusion_matrix"], strict=True)]
+        print(format_table(["", *classes], matrix, align="l" + "r" * len(classes)))
+    if result["confusion_png"]:
+        print(f"\nconfusion matrix plot: {result['confusion_png']}")
+    return 0
+
+
+# --- predict --------------------------------------------------------------------------------
+
+
+def _register_predict(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="top-k classes of image files",
+        description="Classify image files of any size or mode (grayscale, RGB, RGBA, palette): "
+        "each is converted and resized to what the model was trained on.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a best.pt or last.pt from `resunit train`")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--top-k", type=int, default=3, help="how many classes to show per image")
+    add_json_flag(p)
+    p.set_defaults(handler=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from resunit.train import predict_files
+
+    results = predict_files(args.checkpoint, args.images, top_k=args.top_k)
+    if args.json:
+        print_json(results)
+        return 0
+    for item in results:
+        print(item["image"])
+        for rank, (name, prob) in enumerate(
+            zip(item["classes"], item["probabilities"], strict=True), 1
+        ):
+            print(f"  {rank}. {name:<20} {prob:7.2%}")
+    return 0
+
+
+# --- data download --------------------------------------------------------------------------
+
+
+def _register_data(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "data", help="dataset utilities (download)", description="Dataset utilities."
+    )
+    sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    d = sub.add_parser(
+        "download",
+        help="fetch, verify (MD5) and extract an official dataset archive",
+        description="Download the official archive, check its MD5, extract it atomically into "
+        "ROOT (an interrupted download leaves nothing behind). Does nothing if it is already "
+        "there.",
+    )
+    d.add_argument("name", choices=sorted(DOWNLOADS), help="dataset")
+    d.add_argument("--root", default="data", help="directory to extract into (default data)")
+    d.add_argument("--url", help="download from this URL (a mirror) instead of the official one")
+    d.add_argument("--md5", help="expected MD5 of the archive at --url")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(handler=run_download)
+    p.set_defaults(handler=lambda args: (p.print_help(), 2)[1])
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from resunit.data import DOWNLOADS as known
+
+    already = (Path(args.root) / known[args.name][2]).is_dir()
+    target = download_dataset(
+        args.name, args.root, url=args.url, md5=args.md5, progress=not args.no_progress
+    )
+    print(f"{args.name} {'already' if already else 'now'} in {target}")
+    return 0

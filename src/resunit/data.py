@@ -1,0 +1,545 @@
+"""Image datasets held in memory as uint8 tensors, and augmentation as whole-batch tensor ops.
+
+Every loader returns an :class:`ImageDataset` (``N×C×H×W`` uint8 images, int64 labels, class
+names and the per-channel mean/std used to normalise). Nothing here runs per image in Python
+during training: random crops, flips and cutout are applied to a whole batch at once.
+
+Datasets:
+
+* ``digits`` (default) — scikit-learn's bundled 1,797 real 8×8 handwritten digits; nothing to
+  download. Fixed stratified split: 20% test (360 images), ``random_state=0``.
+* ``cifar10`` / ``cifar100`` — the official *binary* or *python* archives, extracted in a
+  local directory; python pickles go through a restricted unpickler (numpy arrays only).
+* ``imagefolder`` — ``ROOT/[SPLIT/]CLASS/IMAGE`` read with Pillow.
+* ``synthetic`` — seeded random images whose class shifts their colour (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from resunit.errors import DatasetError
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+SPLITS = ("train", "val", "test")
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+
+@dataclass
+class ImageDataset:
+    """Images as a uint8 ``N×C×H×W`` tensor with int64 labels, class names and normalisation."""
+
+    images: Tensor
+    labels: Tensor
+    classes: list[str]
+    name: str
+    mean: tuple[float, ...] = field(default=())
+    std: tuple[float, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise DatasetError(
+                f"{self.name}: images must be uint8 N×C×H×W, got "
+                f"{self.images.dtype} {tuple(self.images.shape)}"
+            )
+        if len(self.images) != len(self.labels):
+            raise DatasetError(
+                f"{self.name}: {len(self.images)} images but {len(self.labels)} labels"
+            )
+        self.labels = self.labels.to(torch.int64)
+        if not self.mean:
+            self.mean, self.std = channel_stats(self.images)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.images.shape[2]), int(self.images.shape[3])
+
+    def subset(self, indices: Tensor, name: str | None = None) -> ImageDataset:
+        """The images at ``indices``, keeping classes and normalisation of this dataset."""
+        return ImageDataset(
+            self.images[indices],
+            self.labels[indices],
+            list(self.classes),
+            name or self.name,
+            self.mean,
+            self.std,
+        )
+
+
+def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images, in [0, 1] units (float64 for accuracy)."""
+    x = images.to(torch.float64).div_(255).transpose(0, 1).reshape(images.shape[1], -1)
+    std = x.std(dim=1).clamp_min(1e-3)
+    return tuple(x.mean(dim=1).tolist()), tuple(std.tolist())
+
+
+def normalize(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """uint8 images → float model input ``(x/255 − mean) / std``, per channel."""
+    shape = (1, -1, 1, 1)
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(shape)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(shape)
+    return (images.float().div(255) - m) / s
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def load_dataset(
+    name: str = "digits", split: str = "train", root: str | None = None, **options: Any
+) -> ImageDataset:
+    """Load ``split`` (train, val or test) of dataset ``name`` into memory.
+
+    ``val_fraction`` (default 0) carves a stratified validation split out of *train* with
+    ``val_seed`` (default 0): ``train`` is then what is left and ``val`` the carved part, so
+    the test set is never used to pick checkpoints. Other options go to the loader
+    (``image_size``, ``on_error`` for imagefolder; ``num_samples``, ``num_classes``,
+    ``image_size``, ``channels``, ``seed`` for synthetic).
+    """
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    val_fraction = float(options.pop("val_fraction", 0.0) or 0.0)
+    val_seed = int(options.pop("val_seed", 0))
+    if split == "val" and val_fraction <= 0:
+        raise DatasetError(f"{name} has no validation split: set val_fraction > 0 to carve one")
+    loader = _LOADERS[name]
+    base = loader("test" if split == "test" else "train", root, **options)
+    if split == "test" or val_fraction <= 0:
+        return base
+    train_idx, val_idx = stratified_split(base.labels, val_fraction, val_seed)
+    return base.subset(train_idx if split == "train" else val_idx, f"{base.name}")
+
+
+def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices (kept, held out) with ``fraction`` of every class held out, reproducibly."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < fraction < 1:
+        raise DatasetError(f"validation fraction must be in (0, 1), got {fraction}")
+    index = np.arange(len(labels))
+    kept, held = train_test_split(
+        index, test_size=fraction, stratify=labels.numpy(), random_state=seed
+    )
+    return torch.from_numpy(np.sort(kept)), torch.from_numpy(np.sort(held))
+
+
+def _load_digits(split: str, root: str | None = None) -> ImageDataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    # 0..16 ink levels → 0..255, the range every other dataset uses.
+    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    train_idx, test_idx = stratified_split(labels, DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
+    idx = train_idx if split == "train" else test_idx
+    classes = [str(i) for i in range(10)]
+    train_images = torch.from_numpy(images)[train_idx]
+    # Normalise with statistics of the training images only, for both splits.
+    mean, std = channel_stats(train_images)
+    return ImageDataset(torch.from_numpy(images)[idx], labels[idx], classes, "digits", mean, std)
+
+
+def _load_synthetic(
+    split: str,
+    root: str | None = None,
+    *,
+    num_samples: int | None = None,
+    num_classes: int = 10,
+    image_size: int = 32,
+    channels: int = 3,
+    seed: int = 0,
+) -> ImageDataset:
+    n = num_samples or (512 if split == "train" else 128)
+    g = torch.Generator().manual_seed(seed * 2 + (split == "test"))
+    labels = torch.randint(num_classes, (n,), generator=g)
+    # Noise plus a per-class colour shift: learnable, so tests can check that loss falls.
+    palette = torch.randint(
+        0, 160, (num_classes, channels, 1, 1), generator=torch.Generator().manual_seed(seed)
+    )
+    noise = torch.randint(0, 96, (n, channels, image_size, image_size), generator=g)
+    images = (noise + palette[labels]).to(torch.uint8)
+    classes = [f"class{i}" for i in range(num_classes)]
+    return ImageDataset(images, labels, classes, "synthetic")
+
+
+# CIFAR: official archive layouts (https://www.cs.toronto.edu/~kriz/cifar.html).
+_CIFAR = {
+    "cifar10": {
+        "python": (
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            ["test_batch"],
+            "batches.meta",
+            "label_names",
+            b"labels",
+        ),
+        "binary": (
+            "cifar-10-batches-bin",
+            [f"data_batch_{i}.bin" for i in range(1, 6)],
+            ["test_batch.bin"],
+            "batches.meta.txt",
+            1,
+        ),
+    },
+    "cifar100": {
+        "python": (
+            "cifar-100-python",
+            ["train"],
+            ["test"],
+            "meta",
+            "fine_label_names",
+            b"fine_labels",
+        ),
+        "binary": ("cifar-100-binary", ["train.bin"], ["test.bin"], "fine_label_names.txt", 2),
+    },
+}
+CIFAR_MEAN_STD = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Admits only what the CIFAR python pickles contain: numpy arrays, dtypes and builtins."""
+
+    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_pickle(path: Path) -> Any:
+    try:
+        with path.open("rb") as f:
+            return _NumpyOnlyUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError) as exc:
+        raise DatasetError(f"{path} is not a valid CIFAR python batch: {exc}") from None
+
+
+def _load_cifar(name: str, split: str, root: str | None) -> ImageDataset:
+    base = Path(root or os.environ.get("RESUNIT_DATA", "data")) / name
+    candidates = [base, base.parent]
+    layout = None
+    for directory in candidates:
+        for kind, spec in _CIFAR[name].items():
+            if (directory / spec[0]).is_dir():
+                layout, folder = kind, directory / spec[0]
+                break
+        if layout:
+            break
+    if layout is None:
+        names = " or ".join(f"{spec[0]}/" for spec in _CIFAR[name].values())
+        raise DatasetError(
+            f"{name} not found in {base}: expected {names} "
+            f"(run `resunit data download {name} --root {base}`, or extract the official "
+            "archive there)"
+        )
+    spec = _CIFAR[name][layout]
+    files = spec[1] if split == "train" else spec[2]
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise DatasetError(
+            f"{folder} is incomplete: missing {', '.join(missing)} "
+            f"(re-extract the official {name} archive)"
+        )
+    images, labels = [], []
+    if layout == "python":
+        for f in files:
+            batch = _read_pickle(folder / f)
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch[spec[5]], dtype=np.int64))
+        meta = _read_pickle(folder / spec[3])
+        classes = [c.decode() for c in meta[spec[4].encode()]]
+    else:
+        label_bytes = spec[4]
+        record = label_bytes + 3072
+        for f in files:
+            raw = np.fromfile(folder / f, dtype=np.uint8)
+            if raw.size % record:
+                raise DatasetError(
+                    f"{folder / f} is truncated ({raw.size} bytes is not a multiple of {record})"
+                )
+            raw = raw.reshape(-1, record)
+            labels.append(raw[:, label_bytes - 1].astype(np.int64))  # fine label is last
+            images.append(raw[:, label_bytes:].reshape(-1, 3, 32, 32))
+        classes = [c for c in (folder / spec[3]).read_text().split() if c]
+    mean, std = CIFAR_MEAN_STD[name]
+    return ImageDataset(
+        torch.from_numpy(np.concatenate(images)),
+        torch.from_numpy(np.concatenate(labels)),
+        classes,
+        name,
+        mean,
+        std,
+    )
+
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+
+
+def read_image(
+    path: str | os.PathLike[str], channels: int, size: tuple[int, int] | None = None
+) -> Tensor:
+    """One image file of any mode (grayscale, RGBA, palette …) as uint8 ``C×H×W``.
+
+    Transparent pixels are composited on white; ``size`` (H, W) resizes with bilinear filtering.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                img = img.convert("RGBA")
+                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, img)
+            img = img.convert("L" if channels == 1 else "RGB")
+            if size is not None and img.size != (size[1], size[0]):
+                img = img.resize((size[1], size[0]), Image.BILINEAR)
+            array = np.asarray(img, dtype=np.uint8)
+    except FileNotFoundError:
+        raise DatasetError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DatasetError(f"cannot read image {path}: {exc}") from None
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _load_imagefolder(
+    split: str,
+    root: str | None,
+    *,
+    image_size: int | None = None,
+    channels: int = 3,
+    on_error: str = "skip",
+) -> ImageDataset:
+    if root is None:
+        raise DatasetError(
+            "imagefolder needs --data-root DIR holding one sub-folder per class "
+            "(optionally inside train/ and test/)"
+        )
+    base = Path(root)
+    folder = base / split if (base / split).is_dir() else base
+    if not folder.is_dir():
+        raise DatasetError(f"image folder not found: {folder}")
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in SPLITS)
+    if not classes:
+        raise DatasetError(f"no class sub-folders in {folder}: expected {folder}/CLASS/IMAGE")
+    if on_error not in ("skip", "fail"):
+        raise DatasetError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+    size = (image_size, image_size) if image_size else None
+    images, labels, skipped = [], [], []
+    for label, cls in enumerate(classes):
+        for path in sorted((folder / cls).iterdir()):
+            if path.suffix.lower() not in _IMAGE_SUFFIXES:
+                continue
+            try:
+                image = read_image(path, channels, size)
+            except DatasetError as exc:
+                if on_error == "fail":
+                    raise
+                skipped.append(str(path))
+                print(f"resunit: skipping unreadable image {path}: {exc}")
+                continue
+            if size is None:  # the first image fixes the size of all the others
+                size = (image.shape[1], image.shape[2])
+            images.append(image)
+            labels.append(label)
+    if not images:
+        raise DatasetError(f"no readable images under {folder}")
+    return ImageDataset(torch.stack(images), torch.tensor(labels), classes, "imagefolder")
+
+
+_LOADERS = {
+    "digits": _load_digits,
+    "cifar10": lambda split, root, **kw: _load_cifar("cifar10", split, root, **kw),
+    "cifar100": lambda split, root, **kw: _load_cifar("cifar100", split, root, **kw),
+    "imagefolder": _load_imagefolder,
+    "synthetic": _load_synthetic,
+}
+
+
+# --- augmentation (whole batches, tensor ops) -----------------------------------------------
+
+
+def _randint(high: int, shape: tuple[int, ...], generator: torch.Generator, device: Any) -> Tensor:
+    # Drawn where the generator lives (a CPU generator also drives CUDA batches), then moved.
+    return torch.randint(0, high, shape, generator=generator, device=generator.device).to(device)
+
+
+def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Tensor:
+    """Zero-pad by ``padding`` and crop back at a random offset per image (random translation).
+
+    One gather per axis for the whole batch, instead of a Python loop over images.
+    """
+    if padding <= 0:
+        return images
+    n, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    dy = _randint(2 * padding + 1, (n,), generator, images.device)
+    dx = _randint(2 * padding + 1, (n,), generator, images.device)
+    rows = (dy[:, None] + torch.arange(h, device=images.device)).view(n, 1, h, 1)
+    cols = (dx[:, None] + torch.arange(w, device=images.device)).view(n, 1, 1, w)
+    c = images.shape[1]
+    out = padded.gather(2, rows.expand(n, c, h, w + 2 * padding))
+    return out.gather(3, cols.expand(n, c, h, w))
+
+
+def random_flip(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Mirror a random half of the batch left-right."""
+    flip = _randint(2, (len(images),), generator, images.device).bool()
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
+
+
+def cutout(images: Tensor, size: int, generator: torch.Generator) -> Tensor:
+    """Zero a ``size×size`` square at a random centre of every image (DeVries & Taylor 2017)."""
+    if size <= 0:
+        return images
+    n, _, h, w = images.shape
+    cy = _randint(h, (n, 1), generator, images.device)
+    cx = _randint(w, (n, 1), generator, images.device)
+    ys = torch.arange(h, device=images.device)
+    xs = torch.arange(w, device=images.device)
+    in_y = (ys >= cy - size // 2) & (ys < cy - size // 2 + size)
+    in_x = (xs >= cx - size // 2) & (xs < cx - size // 2 + size)
+    mask = in_y[:, :, None] & in_x[:, None, :]
+    return images.masked_fill(mask[:, None], 0)
+
+
+def augment(
+    images: Tensor,
+    generator: torch.Generator,
+    *,
+    crop_padding: int = 0,
+    flip: bool = False,
+    cutout_size: int = 0,
+) -> Tensor:
+    """Pad + random crop, horizontal flip and cutout on a uint8 batch, in that order."""
+    images = random_crop(images, crop_padding, generator)
+    if flip:
+        images = random_flip(images, generator)
+    return cutout(images, cutout_size, generator)
+
+
+# --- download -------------------------------------------------------------------------------
+
+DOWNLOADS = {
+    "cifar10": (
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "c58f30108f718f92721af3b95e74349a",
+        "cifar-10-batches-py",
+    ),
+    "cifar100": (
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85",
+        "cifar-100-python",
+    ),
+}
+
+
+def download_dataset(
+    name: str,
+    root: str | os.PathLike[str],
+    *,
+    url: str | None = None,
+    md5: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Fetch, verify (MD5) and extract an official archive into ``root``; returns the folder.
+
+    Atomic: the archive is downloaded and extracted inside a temporary folder in ``root``
+    and only the finished dataset folder is renamed into place, so an interrupted run leaves
+    no half dataset behind. If the folder is already there, nothing is done.
+    """
+    if name not in DOWNLOADS:
+        raise DatasetError(f"cannot download {name!r}: choose one of {', '.join(DOWNLOADS)}")
+    default_url, default_md5, folder_name = DOWNLOADS[name]
+    url, md5 = url or default_url, md5 or default_md5
+    root = Path(root)
+    target = root / folder_name
+    if target.is_dir():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
+        archive = Path(tmp) / "archive.tar.gz"
+        digest = hashlib.md5()
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, archive.open("wb") as out:
+                total = int(response.headers.get("Content-Length") or 0)
+                bar = _progress_bar(total, f"{name}", progress)
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+                bar.close()
+        except OSError as exc:
+            raise DatasetError(f"download of {url} failed: {exc}") from None
+        if digest.hexdigest() != md5:
+            raise DatasetError(
+                f"{url} has MD5 {digest.hexdigest()}, expected {md5}: "
+                "the download is corrupt; run the command again"
+            )
+        extracted = Path(tmp) / "extracted"
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(extracted, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            raise DatasetError(f"cannot extract {url}: {exc}") from None
+        if not (extracted / folder_name).is_dir():
+            raise DatasetError(f"{url} does not contain {folder_name}/")
+        os.replace(extracted / folder_name, target)
+    return target
+
+
+def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total or None, desc=desc, unit="B", unit_scale=True, disable=not enabled)
+
+
+__all__ = [
+    "DATASETS",
+    "ImageDataset",
+    "augment",
+    "channel_stats",
+    "cutout",
+    "download_dataset",
+    "load_dataset",
+    "normalize",
+    "random_crop",
+    "random_flip",
+    "read_image",
+]

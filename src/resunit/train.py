@@ -1,0 +1,796 @@
+"""Training loop, optimiser and schedule, evaluation, and distributed setup — plain PyTorch.
+
+The whole job in view: :class:`TrainConfig` holds every hyper-parameter (recipes are named
+presets of it), :func:`train` runs epochs over in-memory uint8 tensors with batched
+augmentation, writes ``metrics.jsonl``, ``last.pt``/``best.pt`` and ``curves.png`` into the
+run directory, and resumes bitwise-exactly from ``last.pt``. All randomness of an epoch comes
+from a generator seeded by (seed, epoch) whose state is checkpointed, so a resumed run replays
+exactly what the uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from resunit.checkpoint import read_checkpoint, save_checkpoint
+from resunit.data import ImageDataset, augment, load_dataset, normalize
+from resunit.errors import CheckpointError, ConfigError, TrainingError
+from resunit.models import create_model
+
+SCHEDULES = ("multistep", "cosine", "onecycle", "constant")
+CHECKPOINT_FORMAT = "resunit-train-1"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; ``config.json`` in the run directory is this, as JSON."""
+
+    model: str = "resnet20"
+    data: str = "digits"
+    data_root: str | None = None
+    recipe: str | None = None
+    epochs: int = 30
+    steps: int | None = None  # total iterations; when set, overrides epochs (papers count these)
+    batch_size: int = 64  # per process, as in torchvision's references
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4  # not applied to BN parameters and biases
+    schedule: str = "multistep"
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of training
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    crop_padding: int = 0
+    flip: bool = False
+    cutout: int = 0
+    val_fraction: float = 0.0
+    input_size: int | None = None  # resize batches to this (None: the dataset's own size)
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    device: str = "auto"
+    threads: int | None = None  # CPU threads for torch (None: torch's default)
+    seed: int = 0
+    eval_batch_size: int = 500
+    tensorboard: bool = False
+    out: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Named presets. Explicit options win over a recipe; a recipe wins over the defaults above.
+RECIPES: dict[str, dict[str, Any]] = {
+    # The default data: real 8×8 digits. Small translations only — flipping a digit changes
+    # its meaning, and label smoothing / cutout cost accuracy on 8×8 images.
+    "fast": dict(
+        model="resnet20",
+        epochs=30,
+        batch_size=64,
+        lr=0.1,
+        weight_decay=5e-4,
+        schedule="multistep",
+        milestones=[0.5, 0.75],
+        crop_padding=1,
+        flip=False,
+    ),
+    # He et al. 2015 §4.2: batch 128, lr 0.1 ÷10 at 32k and 48k iterations, stop at 64k,
+    # weight decay 1e-4, momentum 0.9, 4-pixel pad + random crop + flip, 45k/5k train/val.
+    "he2015": dict(
+        model="resnet20",
+        data="cifar10",
+        steps=64_000,
+        batch_size=128,
+        lr=0.1,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=1e-4,
+        schedule="multistep",
+        milestones=[0.5, 0.75],
+        gamma=0.1,
+        warmup_epochs=0.0,
+        crop_padding=4,
+        flip=True,
+        val_fraction=0.1,
+    ),
+}
+DEFAULT_RECIPE = {"digits": "fast", "cifar10": "he2015", "cifar100": "he2015"}
+
+
+def make_config(recipe: str | None = None, **options: Any) -> TrainConfig:
+    """A :class:`TrainConfig` from a recipe (default: the data's own) plus explicit options.
+
+    ``None`` values in ``options`` mean "not given" so a CLI can pass all its arguments.
+    """
+    options = {k: v for k, v in options.items() if v is not None}
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown training option(s): {', '.join(unknown)}")
+    data = options.get("data", "digits")
+    recipe = recipe or DEFAULT_RECIPE.get(data)
+    preset: dict[str, Any] = {}
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+        preset = dict(RECIPES[recipe])
+    if "data" in options and "data" in preset and preset["data"] != options["data"]:
+        preset.pop("data")  # e.g. he2015 on cifar100: keep the schedule, use the asked data
+    config = TrainConfig(**{**preset, **options, "recipe": recipe})
+    validate_config(config)
+    return config
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Reject impossible values with one clear message each."""
+    if config.schedule not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {config.schedule!r}: choose {', '.join(SCHEDULES)}")
+    checks = [
+        (config.epochs >= 1, f"epochs must be ≥ 1, got {config.epochs}"),
+        (config.steps is None or config.steps >= 1, f"steps must be ≥ 1, got {config.steps}"),
+        (config.batch_size >= 1, f"batch size must be ≥ 1, got {config.batch_size}"),
+        (config.lr > 0 and math.isfinite(config.lr), f"lr must be > 0, got {config.lr}"),
+        (config.weight_decay >= 0, f"weight decay must be ≥ 0, got {config.weight_decay}"),
+        (0 <= config.label_smoothing < 1, "label smoothing must be in [0, 1)"),
+        (0 <= config.val_fraction < 1, "val fraction must be in [0, 1)"),
+        (config.crop_padding >= 0 and config.cutout >= 0, "crop padding and cutout must be ≥ 0"),
+        (all(0 < m < 1 for m in config.milestones), "milestones are fractions in (0, 1)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+# --- optimiser and schedule ---------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
+    """SGD with weight decay on conv/linear weights only: decaying BN scales and biases only
+    shrinks them without regularising anything (Goyal et al. 2017, §5.1 of arXiv:1812.01187)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.SGD(
+        groups,
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov and config.momentum > 0,
+    )
+
+
+def learning_rate(config: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """The learning rate at iteration ``step`` (0-based): a pure function, so resuming is exact."""
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    if config.schedule == "onecycle":
+        # Linear up to the peak over 30% (or the warm-up), then cosine down to ~0 (Smith 2018).
+        peak = warmup or max(1, round(0.3 * total_steps))
+        if step < peak:
+            return config.lr * (0.04 + 0.96 * step / peak)
+        progress = (step - peak) / max(1, total_steps - peak)
+        return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    if config.schedule == "cosine":
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if config.schedule == "multistep":
+        passed = sum(step >= round(m * total_steps) for m in config.milestones)
+        return config.lr * config.gamma**passed
+    return config.lr
+
+
+# --- distributed --------------------------------------------------------------------------
+
+
+@dataclass
+class Distributed:
+    """Where this process stands in a ``torchrun`` job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: torch.device) -> Distributed:
+    """Join the process group that ``torchrun`` describes in the environment (gloo on CPU,
+    NCCL on CUDA); a plain single process needs nothing."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def shard_indices(n: int, generator: torch.Generator, rank: int, world_size: int) -> Tensor:
+    """This rank's part of a fresh permutation of ``range(n)``: disjoint across ranks, all of
+    equal length (the remainder is dropped so every rank takes the same number of steps)."""
+    perm = torch.randperm(n, generator=generator)
+    usable = n - n % world_size
+    return perm[:usable][rank::world_size]
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    # DDP syncs buffers at the start of each forward, so after the last step of an epoch the
+    # BN running statistics differ by rank; rank 0's become everyone's before eval and save.
+    import torch.distributed as dist
+
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+# --- evaluation ---------------------------------------------------------------------------
+
+
+def prepare_batch(
+    images: Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    input_size: int | None = None,
+    channels_last: bool = False,
+) -> Tensor:
+    """uint8 batch → normalised float model input, resized to ``input_size`` if given."""
+    x = normalize(images, mean, std)
+    if input_size and tuple(x.shape[-2:]) != (input_size, input_size):
+        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: ImageDataset,
+    batch_size: int = 500,
+    *,
+    input_size: int | None = None,
+    device: torch.device | str | None = None,
+    channels_last: bool = False,
+    bf16: bool = False,
+) -> dict[str, Any]:
+    """Accuracy, mean loss, per-class accuracy and confusion matrix (rows: true class)."""
+    device = torch.device(device) if device else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    k = dataset.num_classes
+    confusion = torch.zeros(k, k, dtype=torch.int64)
+    loss_sum = 0.0
+    for start in range(0, len(dataset), batch_size):
+        images = dataset.images[start : start + batch_size].to(device)
+        labels = dataset.labels[start : start + batch_size].to(device)
+        x = prepare_batch(images, dataset.mean, dataset.std, input_size, channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        predicted = logits.argmax(1)
+        confusion += torch.bincount(labels.cpu() * k + predicted.cpu(), minlength=k * k).view(k, k)
+    model.train(was_training)
+    total = int(confusion.sum())
+    per_class_total = confusion.sum(1).clamp_min(1)
+    return {
+        "accuracy": float(confusion.diag().sum()) / max(total, 1),
+        "loss": loss_sum / max(total, 1),
+        "count": total,
+        "classes": list(dataset.classes),
+        "per_class_accuracy": (confusion.diag() / per_class_total).tolist(),
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+# --- training -----------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but no CUDA GPU is available")
+    return device
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+class _InterruptFlag:
+    """Turns the first Ctrl-C (SIGINT) into a flag checked between steps, so the state is
+    never half-updated when we save; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _InterruptFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _new_run_dir(config: TrainConfig) -> Path:
+    if config.out:
+        return Path(config.out)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.data}-{config.model}-{stamp}"
+
+
+def load_data(config: TrainConfig) -> tuple[ImageDataset, ImageDataset | None, ImageDataset]:
+    """(train, val or None, test) for a config; val is carved from train when asked."""
+    options: dict[str, Any] = {"val_fraction": config.val_fraction}
+    train_set = load_dataset(config.data, "train", config.data_root, **options)
+    val_set = (
+        load_dataset(config.data, "val", config.data_root, **options)
+        if config.val_fraction > 0
+        else None
+    )
+    test_set = load_dataset(config.data, "test", config.data_root)
+    return train_set, val_set, test_set
+
+
+def train(config: TrainConfig, progress: bool = True, resume: str | None = None) -> dict[str, Any]:
+    """Train ``config`` (or continue the run in directory ``resume``) and return a summary.
+
+    The summary has ``test_accuracy`` (of the final weights), ``best_val_accuracy``,
+    ``run_dir``, ``epochs``, ``steps``, ``seconds``, ``images_per_second`` and
+    ``interrupted`` (True when Ctrl-C stopped the run after saving a resumable checkpoint).
+    """
+    state = None
+    if resume is not None:
+        run_dir = Path(resume)
+        state = read_checkpoint(run_dir / "last.pt")
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{run_dir / 'last.pt'} is not a resumable resunit checkpoint")
+        names = {f.name for f in fields(TrainConfig)}
+        saved = {k: v for k, v in state["config"].items() if k in names}
+        config = TrainConfig(**saved)
+        config.out = str(run_dir)
+    else:
+        validate_config(config)
+        run_dir = _new_run_dir(config)
+        if (run_dir / "last.pt").exists():
+            raise ConfigError(
+                f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose "
+                "another --out"
+            )
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    dist_info = setup_distributed(device)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+        torch.cuda.set_device(device)
+    if state is not None and int(state.get("world_size", 1)) != dist_info.world_size:
+        raise CheckpointError(
+            f"{run_dir} was trained with {state.get('world_size', 1)} processes; resume it with "
+            f"the same number (now {dist_info.world_size})"
+        )
+
+    train_set, val_set, test_set = load_data(config)
+    torch.manual_seed(config.seed)
+    model = create_model(
+        config.model,
+        num_classes=train_set.num_classes,
+        in_chans=train_set.in_chans,
+        **config.model_overrides,
+    )
+    input_size = config.input_size or train_set.image_size[0]
+    model_config = {
+        **config.to_dict(),
+        "num_classes": train_set.num_classes,
+        "in_chans": train_set.in_chans,
+        "input_size": input_size,
+        "image_size": list(train_set.image_size),
+        "dataset": train_set.name,
+        "classes": list(train_set.classes),
+        "mean": list(train_set.mean),
+        "std": list(train_set.std),
+        "world_size": dist_info.world_size,
+    }
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, config)
+
+    n_local = len(train_set) // dist_info.world_size
+    steps_per_epoch = max(1, n_local // config.batch_size)
+    total_steps = config.steps or config.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+
+    start_epoch, epoch_step, global_step = 0, 0, 0
+    best_score, best_epoch = -1.0, -1
+    data_rng_state = None
+    carried: dict[str, float] = {}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, epoch_step = int(state["epoch"]), int(state["epoch_step"])
+        global_step = int(state["scheduler"]["step"])
+        best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
+        data_rng_state = state["data_rng"] if epoch_step else None
+        carried = dict(state.get("epoch_totals") or {})
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+    net: nn.Module = model
+    if dist_info.enabled:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if config.compile:
+        net = torch.compile(net)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+    writer = _RunWriter(run_dir, model_config, config, enabled=dist_info.is_main)
+    if state is not None:
+        writer.truncate_metrics(start_epoch)
+    images_all = train_set.images.to(device)
+    labels_all = train_set.labels.to(device)
+    run_start = time.perf_counter()
+    images_seen = 0
+    interrupted = False
+
+    def checkpoint_payload(
+        epoch: int, step_in_epoch: int, rng: torch.Generator, totals: dict[str, float]
+    ) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": {"schedule": config.schedule, "step": global_step},
+            "epoch": epoch,
+            "epoch_step": step_in_epoch,
+            "data_rng": rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "best_score": best_score,
+            "best_epoch": best_epoch,
+            "epoch_totals": totals,
+            "world_size": dist_info.world_size,
+            "config": model_config,
+        }
+
+    with _InterruptFlag() as interrupt:
+        for epoch in range(start_epoch, epochs):
+            rng = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch))
+            order = shard_indices(len(train_set), rng, dist_info.rank, dist_info.world_size)
+            first_step = 0
+            if data_rng_state is not None:  # resuming mid-epoch: same order, same draws
+                rng.set_state(data_rng_state)
+                first_step, data_rng_state = epoch_step, None
+            steps_this_epoch = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+            totals = {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
+            if first_step:
+                totals.update(carried)
+            model.train()
+            bar = _progress(
+                steps_this_epoch, first_step, epoch, epochs, progress and dist_info.is_main
+            )
+            tick = time.perf_counter()
+            for step in range(first_step, steps_this_epoch):
+                idx = order[step * config.batch_size : (step + 1) * config.batch_size].to(device)
+                images = augment(
+                    images_all[idx],
+                    rng,
+                    crop_padding=config.crop_padding,
+                    flip=config.flip,
+                    cutout_size=config.cutout,
+                )
+                labels = labels_all[idx]
+                x = prepare_batch(
+                    images, train_set.mean, train_set.std, input_size, config.channels_last
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(config, global_step, total_steps, steps_per_epoch)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                    logits = net(x)
+                    loss = criterion(logits.float(), labels)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise TrainingError(
+                        _non_finite_message(loss_value, global_step + 1, epoch, run_dir)
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                global_step += 1
+                batch = len(labels)
+                images_seen += batch * dist_info.world_size
+                totals["loss"] += loss_value * batch
+                totals["correct"] += float((logits.argmax(1) == labels).sum())
+                totals["count"] += batch
+                bar.update(1)
+                if step % 5 == 0 or step + 1 == steps_this_epoch:
+                    elapsed = totals["seconds"] + time.perf_counter() - tick
+                    bar.set_postfix_str(
+                        f"loss {totals['loss'] / totals['count']:.4f} "
+                        f"acc {totals['correct'] / totals['count']:.2%} "
+                        f"{totals['count'] * dist_info.world_size / max(elapsed, 1e-9):,.0f} img/s"
+                    )
+                if _stop_requested(interrupt, dist_info) and step + 1 < steps_this_epoch:
+                    totals["seconds"] += time.perf_counter() - tick
+                    bar.close()
+                    if dist_info.enabled:
+                        _broadcast_buffers(model)
+                    if dist_info.is_main:
+                        save_checkpoint(
+                            checkpoint_payload(epoch, step + 1, rng, totals), run_dir / "last.pt"
+                        )
+                    interrupted = True
+                    break
+            if interrupted:
+                break
+            bar.close()
+            totals["seconds"] += time.perf_counter() - tick
+            if dist_info.enabled:
+                _broadcast_buffers(model)
+            images_per_second = (
+                totals["count"] * dist_info.world_size / max(totals["seconds"], 1e-9)
+            )
+            record = {
+                "epoch": epoch + 1,
+                "step": global_step,
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": totals["loss"] / max(totals["count"], 1),
+                "train_accuracy": totals["correct"] / max(totals["count"], 1),
+                "seconds": totals["seconds"],
+                "images_per_second": images_per_second,
+            }
+            if val_set is not None:
+                val = evaluate(
+                    model,
+                    val_set,
+                    config.eval_batch_size,
+                    input_size=input_size,
+                    channels_last=config.channels_last,
+                    bf16=config.bf16,
+                )
+                record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+            # The test set never picks a checkpoint: validation if carved, else training accuracy.
+            score = record.get("val_accuracy", record["train_accuracy"])
+            is_best = score > best_score
+            if is_best:
+                best_score, best_epoch = score, epoch + 1
+            if dist_info.is_main:
+                payload = checkpoint_payload(epoch + 1, 0, rng, {})
+                writer.log(record)
+                save_checkpoint(payload, run_dir / "last.pt")
+                if is_best:
+                    save_checkpoint(payload, run_dir / "best.pt")
+                if progress:
+                    writer.echo(record, epochs)
+            if _stop_requested(interrupt, dist_info) and epoch + 1 < epochs:
+                interrupted = True
+                break
+
+    seconds = time.perf_counter() - run_start
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "model": config.model,
+        "data": config.data,
+        "epochs": epochs,
+        "steps": global_step,
+        "seconds": seconds,
+        "images_per_second": images_seen / max(seconds, 1e-9),
+        "interrupted": interrupted,
+        "is_main": dist_info.is_main,
+        "best_epoch": best_epoch,
+        "best_val_accuracy": best_score if val_set is not None else None,
+    }
+    if not interrupted:
+        test = evaluate(
+            model,
+            test_set,
+            config.eval_batch_size,
+            input_size=input_size,
+            channels_last=config.channels_last,
+            bf16=config.bf16,
+        )
+        summary.update(
+            test_accuracy=test["accuracy"],
+            test_loss=test["loss"],
+            per_class_accuracy=test["per_class_accuracy"],
+        )
+        if dist_info.is_main:
+            writer.finish(summary)
+    writer.close()
+    return summary
+
+
+def _non_finite_message(loss: float, step: int, epoch: int, run_dir: Path) -> str:
+    where = f"loss became {loss} at step {step} (epoch {epoch + 1}); training stopped"
+    if (run_dir / "last.pt").exists():
+        return f"{where}, last good checkpoint kept in {run_dir / 'last.pt'} (try a lower --lr)"
+    return f"{where} before any checkpoint was written (try a lower --lr)"
+
+
+def _stop_requested(interrupt: _InterruptFlag, dist_info: Distributed) -> bool:
+    """Whether any rank saw Ctrl-C (all ranks must stop at the same step)."""
+    if not dist_info.enabled:
+        return interrupt.raised
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(interrupt.raised)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _progress(total: int, initial: int, epoch: int, epochs: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=f"epoch {epoch + 1}/{epochs}",
+        unit="step",
+        disable=not enabled,
+        leave=False,
+        dynamic_ncols=True,
+    )
+
+
+class _RunWriter:
+    """The run directory's files: config.json, metrics.jsonl, curves.png, TensorBoard."""
+
+    def __init__(
+        self, run_dir: Path, model_config: dict[str, Any], config: TrainConfig, enabled: bool
+    ) -> None:
+        self.run_dir, self.enabled, self.tb = run_dir, enabled, None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
+        if config.tensorboard:
+            with contextlib.suppress(ImportError):
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def truncate_metrics(self, epochs_done: int) -> None:
+        """Drop lines of epochs after the checkpoint (a crash can come between the two)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.enabled or not path.exists():
+            return
+        keep = [
+            line
+            for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["epoch"] <= epochs_done
+        ]
+        path.write_text("".join(line + "\n" for line in keep))
+
+    def log(self, record: dict[str, Any]) -> None:
+        with (self.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "epoch":
+                    self.tb.add_scalar(key, value, record["epoch"])
+        self.plot()
+
+    def plot(self) -> None:
+        try:
+            from resunit.plots import plot_training_curves
+        except ImportError:  # matplotlib is optional ([plot] extra)
+            return
+        with contextlib.suppress(ImportError):
+            plot_training_curves(read_metrics(self.run_dir), self.run_dir / "curves.png")
+
+    def echo(self, record: dict[str, Any], epochs: int) -> None:
+        from tqdm import tqdm
+
+        text = (
+            f"epoch {record['epoch']:>3}/{epochs}  loss {record['train_loss']:.4f}  "
+            f"acc {record['train_accuracy']:.2%}  lr {record['lr']:.4g}  "
+            f"{record['images_per_second']:,.0f} img/s"
+        )
+        if "val_accuracy" in record:
+            text += f"  val acc {record['val_accuracy']:.2%}"
+        tqdm.write(text)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+@torch.no_grad()
+def predict_files(
+    checkpoint: str | os.PathLike[str], paths: list[str], top_k: int = 3
+) -> list[dict[str, Any]]:
+    """Top-k class names and probabilities for image files, converted and resized to the
+    channels and size the checkpoint's model was trained on."""
+    from resunit.checkpoint import load_model
+    from resunit.data import read_image
+
+    model, config = load_model(checkpoint)
+    height, width = config.get("image_size") or (config["input_size"],) * 2
+    images = torch.stack([read_image(p, config["in_chans"], (height, width)) for p in paths])
+    x = prepare_batch(images, tuple(config["mean"]), tuple(config["std"]), config["input_size"])
+    probabilities = model(x).softmax(1)
+    k = max(1, min(top_k, probabilities.shape[1]))
+    top = probabilities.topk(k, dim=1)
+    classes = config["classes"]
+    return [
+        {
+            "image": str(path),
+            "classes": [classes[i] for i in top.indices[n].tolist()],
+            "indices": top.indices[n].tolist(),
+            "probabilities": top.values[n].tolist(),
+        }
+        for n, path in enumerate(paths)
+    ]
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The per-epoch records of a run (``metrics.jsonl``)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def iterate_batches(dataset: ImageDataset, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """(images, labels) in order, for callers that evaluate their own way."""
+    for start in range(0, len(dataset), batch_size):
+        yield dataset.images[start : start + batch_size], dataset.labels[start : start + batch_size]
+
+
+__all__ = [
+    "RECIPES",
+    "TrainConfig",
+    "evaluate",
+    "learning_rate",
+    "make_config",
+    "make_optimizer",
+    "predict_files",
+    "prepare_batch",
+    "read_metrics",
+    "shard_indices",
+    "train",
+]
