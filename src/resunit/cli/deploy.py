@@ -1,0 +1,289 @@
+"""``resunit export`` and ``resunit bench``: ship a trained model and see how fast it runs."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from resunit.cli.common import add_json_flag, format_table, print_json
+from resunit.errors import ConfigError
+
+DEFAULT_CALIBRATION_BATCHES = 8
+CALIBRATION_BATCH_SIZE = 32
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    export = subparsers.add_parser(
+        "export",
+        help="export a trained checkpoint to ONNX (BatchNorm folded, verified in ONNX Runtime)",
+        description="Fold BatchNorm into the convolutions, export to ONNX and check the file in "
+        "ONNX Runtime against PyTorch on random inputs (≤ 1e-4 relative). With --int8, "
+        "quantize it to int8 for x86 CPUs, calibrated on the training split, and report the "
+        "test accuracy before and after. Needs the [onnx] extra.",
+    )
+    export.add_argument("--checkpoint", required=True, help="a checkpoint from `resunit train`")
+    export.add_argument("--onnx", required=True, metavar="OUT.onnx", help="file to write")
+    export.add_argument(
+        "--input",
+        metavar="C×H×W",
+        help="input shape, e.g. 3x224x224 (default: the checkpoint's channels and input size)",
+    )
+    export.add_argument(
+        "--dynamic-batch", action="store_true", help="leave the batch dimension symbolic"
+    )
+    export.add_argument(
+        "--int8", action="store_true", help="write a statically quantized int8 model instead"
+    )
+    export.add_argument(
+        "--calibration-batches",
+        type=int,
+        default=DEFAULT_CALIBRATION_BATCHES,
+        metavar="N",
+        help=f"int8: calibrate on N batches of {CALIBRATION_BATCH_SIZE} training images "
+        f"(default {DEFAULT_CALIBRATION_BATCHES})",
+    )
+    add_json_flag(export)
+    export.set_defaults(handler=run_export)
+
+    bench = subparsers.add_parser(
+        "bench",
+        help="images/s of eager, folded, channels_last, compiled and ONNX Runtime, side by side",
+        description="Measure inference throughput of one model in several forms in the same "
+        "process, interleaved, and print each as a ratio to plain eager PyTorch and to ONNX "
+        "Runtime. Random weights and inputs: speed does not depend on them.",
+    )
+    bench.add_argument("model", help="a registered model name (see `resunit models`)")
+    bench.add_argument("--batch", default="1,32", help="comma-separated batch sizes (default 1,32)")
+    bench.add_argument(
+        "--input", metavar="C×H×W", help="input shape (default 3x224x224, 3x32x32 for CIFAR)"
+    )
+    bench.add_argument("--threads", type=int, help="CPU threads (default: torch's default)")
+    bench.add_argument(
+        "--repeats", type=int, default=10, help="timed runs per variant (default 10)"
+    )
+    bench.add_argument(
+        "--variants",
+        default="eager,folded,folded_cl,compiled,onnxruntime",
+        help="comma-separated subset of eager, folded, folded_cl, compiled, onnxruntime",
+    )
+    add_json_flag(bench)
+    bench.set_defaults(handler=run_bench)
+
+
+# --- export ----------------------------------------------------------------------------------
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from resunit import deploy
+    from resunit.checkpoint import load_model
+
+    if args.calibration_batches < 1:
+        raise ConfigError("--calibration-batches must be at least 1")
+    deploy._require_onnx()  # fail before any work when the extra is missing
+    model, config = load_model(args.checkpoint)
+    input_shape = (
+        deploy.parse_input_shape(args.input) if args.input else _checkpoint_input_shape(config)
+    )
+    out = Path(args.onnx)
+    result: dict[str, Any] = {
+        "checkpoint": str(args.checkpoint),
+        "model": config.get("model"),
+        "input": list(input_shape),
+        "dynamic_batch": bool(args.dynamic_batch or args.int8),
+    }
+    if not args.int8:
+        deploy.export_onnx(model, out, input_shape, dynamic_batch=args.dynamic_batch)
+        batch_sizes = (1, 3) if args.dynamic_batch else (1,)
+        check = deploy.verify_onnx(out, model, input_shape, batch_sizes=batch_sizes)
+        result.update(_check_summary(out, check))
+    else:
+        result.update(_export_int8(model, config, input_shape, out, args.calibration_batches))
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"wrote {out} ({result['format']}, input {_shape_text(input_shape)})")
+    print(
+        f"verified in ONNX Runtime: max difference {result['max_relative_difference']:.1e} "
+        f"relative to PyTorch on random inputs (batch {result['verified_batches']}; "
+        f"tolerance {result['tolerance']:.0e})"
+    )
+    if args.int8:
+        before, after = result["accuracy_float32"], result["accuracy_int8"]
+        print(
+            f"int8: calibrated on {result['calibration_images']} {result['dataset']} training "
+            f"images; test accuracy {before:.2%} float32 → {after:.2%} int8 "
+            f"({(after - before) * 100:+.2f} points, {result['test_images']} images)"
+        )
+    return 0
+
+
+def _check_summary(path: Path, check: Any) -> dict[str, Any]:
+    return {
+        "onnx": str(path),
+        "format": "float32, BatchNorm folded",
+        "verified": check.passed,
+        "verified_batches": check.batch_sizes,
+        "max_relative_difference": check.max_relative_difference,
+        "tolerance": check.tolerance,
+    }
+
+
+def _export_int8(
+    model: torch.nn.Module,
+    config: dict[str, Any],
+    input_shape: tuple[int, int, int],
+    out: Path,
+    calibration_batches: int,
+) -> dict[str, Any]:
+    from resunit import deploy
+    from resunit.data import load_dataset
+    from resunit.train import evaluate, prepare_batch
+
+    dataset_name = config.get("data") or config.get("dataset") or "digits"
+    root = config.get("data_root")
+    train_set = load_dataset(dataset_name, "train", root)
+    test_set = load_dataset(dataset_name, "test", root)
+    input_size = input_shape[-1]
+    # A seeded sample of the training split: every class, never the test images.
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
+    count = min(len(train_set), calibration_batches * CALIBRATION_BATCH_SIZE)
+    chosen = order[:count]
+    batches = [
+        prepare_batch(train_set.images[idx], train_set.mean, train_set.std, input_size)
+        for idx in chosen.split(CALIBRATION_BATCH_SIZE)
+    ]
+    # The float graph is checked first, so an accuracy drop can only come from quantization.
+    with tempfile.TemporaryDirectory(prefix="resunit-export-") as tmp:
+        float_path = deploy.export_onnx(
+            model, Path(tmp) / "float.onnx", input_shape, dynamic_batch=True
+        )
+        check = deploy.verify_onnx(float_path, model, input_shape, batch_sizes=(1, 3))
+    int8_model = deploy.quantize(model, batches, out)
+    before = evaluate(model, test_set, input_size=input_size, device="cpu")
+    after = evaluate(int8_model, test_set, input_size=input_size, device="cpu")
+    summary = _check_summary(out, check)
+    summary.update(
+        {
+            "format": "int8 (static, per-channel, QDQ)",
+            "dataset": test_set.name,
+            "calibration_images": count,
+            "test_images": before["count"],
+            "accuracy_float32": before["accuracy"],
+            "accuracy_int8": after["accuracy"],
+        }
+    )
+    return summary
+
+
+def _checkpoint_input_shape(config: dict[str, Any]) -> tuple[int, int, int]:
+    size = config.get("input_size") or (config.get("image_size") or [None])[0]
+    if not size:
+        raise ConfigError("the checkpoint does not record its input size: pass --input C×H×W")
+    return int(config.get("in_chans") or 3), int(size), int(size)
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "×".join(str(s) for s in shape)
+
+
+# --- bench -----------------------------------------------------------------------------------
+
+
+def _parse_batches(text: str) -> list[int]:
+    try:
+        batches = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise ConfigError(f"--batch takes positive integers separated by commas, got {text!r}")
+    return batches
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from resunit import deploy
+    from resunit.models import create_model, get_model_spec
+
+    spec = get_model_spec(args.model)  # a clear error for unknown names, before any work
+    batches = _parse_batches(args.batch)
+    if args.repeats < 1:
+        raise ConfigError("--repeats must be at least 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    default_size = 32 if spec.family.startswith("cifar") else 224
+    input_shape = (
+        deploy.parse_input_shape(args.input) if args.input else (3, default_size, default_size)
+    )
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    if "int8" in names:
+        raise ConfigError("bench measures float32 variants; int8 is in benchmarks/inference.py")
+    torch.manual_seed(0)
+    model = create_model(args.model, in_chans=input_shape[0]).eval()
+    variants, skipped = deploy.build_variants(
+        model, input_shape, names, threads=torch.get_num_threads()
+    )
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, *input_shape)
+        with torch.no_grad():
+            reference = model(x)
+        differences = {
+            name: deploy.relative_difference(v.run(x), reference) for name, v in variants.items()
+        }
+        runners = {name: (lambda v=v, x=x: v.run(x)) for name, v in variants.items()}
+        timings = deploy.measure_interleaved(runners, batch, repeats=args.repeats)
+        eager = timings.get("eager")
+        ort = timings.get("onnxruntime")
+        for name, timing in timings.items():
+            rate = timing.images_per_second
+            rows.append(
+                {
+                    "variant": name,
+                    "batch": batch,
+                    "images_per_second": rate,
+                    "vs_eager": rate / eager.images_per_second if eager else None,
+                    "vs_onnxruntime": rate / ort.images_per_second if ort else None,
+                    "max_relative_difference": differences[name],
+                    "description": variants[name].description,
+                }
+            )
+    result = {
+        "model": args.model,
+        "input": list(input_shape),
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "results": rows,
+        "skipped": skipped,
+    }
+    if args.json:
+        print_json(result)
+        return 0
+    print(
+        f"{args.model}, input {_shape_text(input_shape)}, {result['threads']} threads, "
+        f"median of {args.repeats} interleaved runs"
+    )
+    table = [
+        (
+            r["variant"],
+            r["batch"],
+            f"{r['images_per_second']:.1f}",
+            _ratio(r["vs_eager"]),
+            _ratio(r["vs_onnxruntime"]),
+            f"{r['max_relative_difference']:.1e}",
+        )
+        for r in rows
+    ]
+    headers = ["variant", "batch", "img/s", "× eager", "× onnxruntime", "max rel. diff"]
+    print(format_table(headers, table, align="lrrrrr"))
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
+    return 0
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"

@@ -1,0 +1,621 @@
+"""The inference path: BN folding, fused layouts, ONNX export, int8, and throughput measurement.
+
+Everything here returns *new* modules and leaves the trained model untouched, and every
+transformation is checked against the model it came from: a faster network is only useful if
+it computes the same function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from resunit.blocks import (
+    BasicBlock,
+    Bottleneck,
+    PreActBasicBlock,
+    PreActBottleneck,
+)
+from resunit.errors import ConfigError, ResunitError
+from resunit.models import ResNet
+
+
+class DeployError(ResunitError):
+    """An export or optimisation cannot be done (missing extra, failed verification)."""
+
+
+# --- BatchNorm folding -----------------------------------------------------------------------
+
+# Which BatchNorm follows which convolution, by unit type. Pre-activation units normalise their
+# *input* (BN → ReLU → conv), so their first BN follows an addition, not a conv, and stays.
+_CONV_BN_PAIRS: dict[type[nn.Module], tuple[tuple[str, str], ...]] = {
+    BasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
+    Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+    PreActBasicBlock: (("conv1", "bn2"),),
+    PreActBottleneck: (("conv1", "bn2"), ("conv2", "bn3")),
+}
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A new convolution computing ``bn(conv(x))`` with BN in eval mode (running statistics).
+
+    ``bn(y) = γ (y − μ) / √(σ² + ε) + β`` is a per-channel affine map, so it scales the
+    conv's output filters and shifts its bias. The arithmetic runs in float64 so that folding
+    adds no rounding beyond the final cast.
+    """
+    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+        raise ConfigError("cannot fold a BatchNorm without running statistics into a conv")
+    dtype = conv.weight.dtype
+    var = bn.running_var.double()
+    mean = bn.running_mean.double()
+    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(mean)
+
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=dtype,
+    )
+    with torch.no_grad():
+        weight = conv.weight.double() * scale.reshape(-1, 1, 1, 1)
+        fused.weight.copy_(weight.to(dtype))
+        fused.bias.copy_(((bias - mean) * scale + beta).to(dtype))
+    return fused
+
+
+def _fold_pairs(module: nn.Module, pairs: Iterable[tuple[str, str]]) -> int:
+    folded = 0
+    for conv_name, bn_name in pairs:
+        conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            setattr(module, conv_name, fold_conv_bn(conv, bn))
+            # Identity keeps the module's forward unchanged: it still calls self.bnN(out).
+            setattr(module, bn_name, nn.Identity())
+            folded += 1
+    return folded
+
+
+def _fold_sequential(seq: nn.Sequential) -> int:
+    # Projection shortcuts: Sequential(conv1x1, BN) or Sequential(AvgPool, conv1x1, BN).
+    folded = 0
+    names = list(seq._modules)
+    for first, second in itertools.pairwise(names):
+        conv, bn = seq._modules[first], seq._modules[second]
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            seq._modules[first] = fold_conv_bn(conv, bn)
+            seq._modules[second] = nn.Identity()
+            folded += 1
+    return folded
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every BatchNorm that follows a conv folded into it.
+
+    Covers the stem, every post-activation unit, the convs of pre-activation units that a BN
+    follows, and projection shortcuts (``downsample``). BNs that follow an addition (the first
+    BN of a pre-activation unit, ``final_bn``) cannot be folded into a conv and are kept. The
+    original model is not modified. The copy is for inference only: its BNs are gone.
+    """
+    folded = copy.deepcopy(model).eval()
+    count = 0
+    for module in list(folded.modules()):
+        if isinstance(module, ResNet) and not module.preactivation:
+            count += _fold_pairs(module, [("conv1", "bn1")])
+        for unit_type, pairs in _CONV_BN_PAIRS.items():
+            if type(module) is unit_type:
+                count += _fold_pairs(module, pairs)
+        if isinstance(module, nn.Sequential):
+            count += _fold_sequential(module)
+    folded.folded_batchnorms = count  # type: ignore[assignment]  # for reports and tests
+    return folded
+
+
+def relative_difference(actual: Tensor, expected: Tensor) -> float:
+    """``max |actual − expected| / max |expected|``: error relative to the output's scale.
+
+    Elementwise relative error is meaningless for logits near zero; the scale of the whole
+    output is what a 1e-5 float32 tolerance is about.
+    """
+    actual, expected = actual.detach().double(), expected.detach().double()
+    scale = expected.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    return float((actual - expected).abs().max() / scale)
+
+
+# --- the fast float32 model ------------------------------------------------------------------
+
+
+class InferenceModel(nn.Module):
+    """A model wrapped for inference: no autograd, and its input in the layout it runs fastest in.
+
+    Converting the input to channels_last inside ``forward`` means callers keep passing plain
+    NCHW tensors; the convolutions then never have to reorder their inputs.
+    """
+
+    def __init__(self, model: nn.Module, channels_last: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.channels_last = channels_last
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            return self.model(x)
+
+
+# Inductor options for CPU inference. ``freezing`` turns the weights into constants so that
+# inductor can pre-pack them for oneDNN and fuse conv+ReLU and conv+add+ReLU (the residual sum)
+# into single kernels; without it a compiled ResNet is barely faster than eager on CPU.
+COMPILE_OPTIONS: dict[str, Any] = {"freezing": True}
+
+
+def optimize(
+    model: nn.Module,
+    channels_last: bool = True,
+    compile: bool = False,
+) -> InferenceModel:
+    """The fastest float32 inference version of ``model`` on the current device.
+
+    Always folds BatchNorm into the convolutions (see :func:`fold_batchnorm`). With
+    ``channels_last`` the weights and every input are NHWC, the layout oneDNN's direct
+    convolutions use, which saves a reorder around every conv. With ``compile`` the model goes
+    through ``torch.compile`` with weight freezing, which fuses each ReLU and each residual
+    addition into the convolution before it; the compilation happens on the first call.
+    The original model is not modified; outputs match its eval-mode outputs to ~1e-6.
+    """
+    folded = fold_batchnorm(model)
+    if channels_last:
+        folded = folded.to(memory_format=torch.channels_last)
+    if compile:
+        # dynamic=False: one specialised graph per batch size, as a deployment uses.
+        folded = torch.compile(folded, dynamic=False, options=dict(COMPILE_OPTIONS))
+    return InferenceModel(folded, channels_last).eval()
+
+
+def compile_works() -> tuple[bool, str]:
+    """Whether ``torch.compile`` can build CPU kernels here (needs a C++ compiler), and why not."""
+    try:
+        fn = torch.compile(lambda x: torch.relu(x) + 1, options=dict(COMPILE_OPTIONS))
+        with torch.no_grad():
+            fn(torch.randn(4))
+    except Exception as exc:  # inductor fails with many types when no toolchain exists
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return False, f"{type(exc).__name__}: {first_line}"[:200]
+    return True, ""
+
+
+# --- ONNX export -----------------------------------------------------------------------------
+
+ONNX_INPUT_NAME = "input"
+ONNX_OUTPUT_NAME = "logits"
+ONNX_OPSET = 17
+ONNX_TOLERANCE = 1e-4
+
+
+def _require_onnx() -> Any:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError:
+        raise DeployError(
+            "ONNX export needs the optional dependencies: pip install 'resunit[onnx]'"
+        ) from None
+    return onnxruntime
+
+
+def onnx_available() -> bool:
+    """True when the ``[onnx]`` extra (onnx + onnxruntime) is installed."""
+    try:
+        _require_onnx()
+    except DeployError:
+        return False
+    return True
+
+
+def parse_input_shape(text: str) -> tuple[int, int, int]:
+    """``"3x224x224"`` (or ``3×224×224``, ``3,224,224``) → ``(3, 224, 224)``."""
+    parts = text.lower().replace("×", "x").replace(",", "x").split("x")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(
+            f"input shape must be C×H×W with positive sizes, e.g. 3x224x224; got {text!r}"
+        )
+    return shape  # type: ignore[return-value]
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    input_shape: Sequence[int],
+    *,
+    dynamic_batch: bool = False,
+    fold: bool = True,
+    opset: int = ONNX_OPSET,
+) -> Path:
+    """Write ``model`` (BatchNorm folded unless ``fold=False``) to an ONNX file.
+
+    Uses the TorchScript-based exporter (``dynamo=False``): for a static ResNet it produces a
+    plain Conv/Relu/Add graph with no extra dependencies, and the result is verified anyway
+    (:func:`verify_onnx`). ``dynamic_batch`` leaves the batch dimension symbolic.
+    """
+    _require_onnx()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_model = fold_batchnorm(model) if fold else copy.deepcopy(model).eval()
+    example = torch.randn(1, *input_shape)
+    dynamic_axes = (
+        {ONNX_INPUT_NAME: {0: "batch"}, ONNX_OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    )
+    with torch.no_grad(), _quiet_exporter():
+        torch.onnx.export(
+            export_model,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[ONNX_INPUT_NAME],
+            output_names=[ONNX_OUTPUT_NAME],
+            dynamic_axes=dynamic_axes,
+        )
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    # The legacy exporter announces its own deprecation on every call; the export is verified
+    # numerically, so the warning adds nothing for our users.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+def onnxruntime_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session with every graph optimisation and ``threads`` threads."""
+    ort = _require_onnx()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An ONNX file run by ONNX Runtime, called like a model: ``Tensor → Tensor``.
+
+    A (parameter-free) ``nn.Module`` so that code written for models, such as evaluation
+    loops, accepts it unchanged.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.session = onnxruntime_session(path, threads)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.detach().to(torch.float32).contiguous()
+        (out,) = self.session.run(None, {self.input_name: x.numpy()})
+        return torch.from_numpy(out)
+
+
+@dataclass
+class OnnxCheck:
+    """The result of running an export in ONNX Runtime against the PyTorch model."""
+
+    path: str
+    batch_sizes: list[int]
+    max_relative_difference: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_relative_difference <= self.tolerance
+
+
+def verify_onnx(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    batch_sizes: Sequence[int] = (1, 2),
+    tolerance: float = ONNX_TOLERANCE,
+    seed: int = 0,
+) -> OnnxCheck:
+    """Run the ONNX file in ONNX Runtime on seeded random inputs and compare with ``model``.
+
+    The reference is the original eval-mode model (not the folded copy that was exported), so
+    the check covers folding and export together. Raises :class:`DeployError` when the largest
+    difference, relative to the output scale, exceeds ``tolerance``.
+    """
+    runner = OnnxRuntimeModel(path)
+    reference = copy.deepcopy(model).eval()
+    generator = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for batch in batch_sizes:
+        x = torch.randn(batch, *input_shape, generator=generator)
+        with torch.no_grad():
+            expected = reference(x)
+        try:
+            actual = runner(x)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise DeployError(
+                f"ONNX Runtime cannot run {path} on a batch of {batch}: {exc}"
+            ) from None
+        worst = max(worst, relative_difference(actual, expected))
+    check = OnnxCheck(str(path), list(batch_sizes), worst, tolerance)
+    if not check.passed:
+        raise DeployError(
+            f"{path}: ONNX Runtime output differs from PyTorch by {worst:.2e} (relative), "
+            f"more than {tolerance:.0e}; the export is not trustworthy"
+        )
+    return check
+
+
+# --- int8 ------------------------------------------------------------------------------------
+
+
+def quantize(
+    model: nn.Module,
+    calibration_batches: Iterable[Tensor],
+    path: str | os.PathLike[str] | None = None,
+    *,
+    threads: int | None = None,
+) -> OnnxRuntimeModel:
+    """Post-training static int8 quantization for x86 CPUs, calibrated on ``calibration_batches``.
+
+    The BN-folded model is exported to ONNX and quantized by ONNX Runtime's static quantizer:
+    int8 weights per output channel, uint8 activations, ranges from the min/max seen on the
+    calibration batches (use real, normalised inputs: random ones give useless ranges).
+    Quantize/dequantize pairs (QDQ) around each conv are fused by ONNX Runtime into int8
+    kernels that use AVX-512 VNNI. We chose ONNX Runtime over PyTorch's PT2E flow by
+    measurement (BENCHMARKS.md), and because PT2E has moved out of ``torch`` into ``torchao``.
+
+    Returns the int8 model, callable on float NCHW tensors; it is written to ``path`` (an
+    ``.onnx`` file) or to a temporary directory that lives as long as the process.
+    """
+    _require_onnx()
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    batches = [b.detach().to(torch.float32).contiguous() for b in calibration_batches]
+    if not batches:
+        raise ConfigError("int8 quantization needs at least one calibration batch")
+    input_shape = tuple(batches[0].shape[1:])
+    out = Path(path) if path is not None else _scratch_dir() / "model.int8.onnx"
+    work = out.parent / f".{out.stem}.tmp"
+    work.mkdir(parents=True, exist_ok=True)
+    float_path = export_onnx(model, work / "float.onnx", input_shape, dynamic_batch=True)
+    prepared = work / "prepared.onnx"
+    # Shape inference + graph cleanup first, as ONNX Runtime's quantization guide requires.
+    quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+
+    class _Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(batches)
+
+        def get_next(self) -> dict[str, Any] | None:
+            batch = next(self._it, None)
+            return None if batch is None else {ONNX_INPUT_NAME: batch.numpy()}
+
+    quantize_static(
+        str(prepared),
+        str(out),
+        _Batches(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    for leftover in work.iterdir():
+        leftover.unlink()
+    work.rmdir()
+    return OnnxRuntimeModel(out, threads)
+
+
+_SCRATCH: list[Any] = []
+
+
+def _scratch_dir() -> Path:
+    # One temporary directory per process for exports nobody asked to keep (benchmarks, int8
+    # without a path); removed when the process exits.
+    import tempfile
+
+    if not _SCRATCH:
+        _SCRATCH.append(tempfile.TemporaryDirectory(prefix="resunit-deploy-"))
+    return Path(_SCRATCH[0].name)
+
+
+# --- throughput ------------------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    """One way of running the same network: a name, what it is, and ``run(x) → logits``."""
+
+    name: str
+    description: str
+    run: Callable[[Tensor], Tensor]
+    input_layout: str = "nchw"
+
+
+VARIANTS = ("eager", "folded", "folded_cl", "compiled", "onnxruntime", "int8")
+VARIANT_DESCRIPTIONS = {
+    "eager": "PyTorch eager, NCHW float32, BatchNorm not folded",
+    "folded": "BatchNorm folded into the convs, NCHW",
+    "folded_cl": "BatchNorm folded, channels_last (NHWC)",
+    "compiled": "folded + channels_last + torch.compile (freezing: fused conv+ReLU/add)",
+    "onnxruntime": "ONNX Runtime float32 on the exported folded graph",
+    "int8": "ONNX Runtime int8 (static, per-channel, QDQ)",
+}
+
+
+def build_variants(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    names: Sequence[str] = VARIANTS[:5],
+    *,
+    threads: int | None = None,
+    calibration_batches: Sequence[Tensor] | None = None,
+) -> tuple[dict[str, Variant], dict[str, str]]:
+    """Build the requested inference variants of ``model``; returns (variants, skipped→why).
+
+    A variant that cannot run here (no ONNX extra, no compiler for ``torch.compile``) is
+    skipped with its reason instead of failing the whole comparison.
+    """
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ConfigError(
+            f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}"
+        )
+    eager = copy.deepcopy(model).eval()
+    variants: dict[str, Variant] = {}
+    skipped: dict[str, str] = {}
+
+    def add(name: str, run: Callable[[Tensor], Tensor]) -> None:
+        variants[name] = Variant(name, VARIANT_DESCRIPTIONS[name], run)
+
+    for name in names:
+        if name == "eager":
+            add(name, _no_grad(eager))
+        elif name == "folded":
+            add(name, optimize(eager, channels_last=False))
+        elif name == "folded_cl":
+            add(name, optimize(eager, channels_last=True))
+        elif name == "compiled":
+            works, why = compile_works()
+            if works:
+                add(name, optimize(eager, channels_last=True, compile=True))
+            else:
+                skipped[name] = f"torch.compile does not work here ({why})"
+        elif name in ("onnxruntime", "int8"):
+            if not onnx_available():
+                skipped[name] = "the [onnx] extra is not installed"
+            elif name == "onnxruntime":
+                path = export_onnx(
+                    eager, _scratch_dir() / f"bench-{id(eager)}.onnx", input_shape,
+                    dynamic_batch=True,
+                )  # fmt: skip
+                add(name, OnnxRuntimeModel(path, threads))
+            elif calibration_batches is None:
+                skipped[name] = "no calibration batches given"
+            else:
+                path = _scratch_dir() / f"bench-{id(eager)}.int8.onnx"
+                add(name, quantize(eager, calibration_batches, path, threads=threads))
+    return variants, skipped
+
+
+def _no_grad(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    def run(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return model(x)
+
+    return run
+
+
+@dataclass
+class Timing:
+    """Repeated timings of one variant on one batch size."""
+
+    name: str
+    batch: int
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.batch / self.median_seconds
+
+
+def measure_interleaved(
+    runners: dict[str, Callable[[], Any]],
+    batch: int,
+    *,
+    repeats: int = 10,
+    warmup: int = 2,
+) -> dict[str, Timing]:
+    """Time every runner ``repeats`` times, interleaved, after ``warmup`` untimed rounds.
+
+    Each round runs every variant once, starting from a different one each round, so slow
+    phases of a shared machine hit all variants alike; report medians and compare ratios.
+    """
+    names = list(runners)
+    timings = {name: Timing(name, batch) for name in names}
+    for round_index in range(warmup + repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            runners[name]()
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                timings[name].seconds.append(elapsed)
+    return timings
+
+
+def count_multiply_adds(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Multiply-adds of one forward pass on one image, counting convolutions and linear layers.
+
+    These are what a ResNet spends its time on (the rest — BN, ReLU, additions, pooling —
+    is well under 1% of the arithmetic); FLOPs = 2 × multiply-adds.
+    """
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
+            total += output[0].numel() * per_output
+        elif isinstance(module, nn.Linear):
+            total += output[0].numel() * module.in_features
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    try:
+        with torch.no_grad():
+            copy.deepcopy(model).eval()(torch.zeros(1, *input_shape))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
