@@ -87,3 +87,101 @@ def plot_confusion_matrix(
                     color = "white" if value > peak / 2 else "black"
                     ax.text(j, i, str(value), ha="center", va="center", color=color, fontsize=8)
     return _save(fig, path)
+
+
+# --- analysis and experiments (analysis.py, experiments.py) -----------------------------------
+
+
+def plot_residual_ratios(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """‖F(x)‖/‖x‖ and the std of F(x) per unit, stages shaded (He et al. 2015, Fig. 7)."""
+    plt = _pyplot()
+    fig, (ax_ratio, ax_std) = plt.subplots(1, 2, figsize=(11, 4))
+    index = [r["index"] for r in rows]
+    ax_ratio.plot(index, [r["residual_ratio"] for r in rows], marker="o", ms=3)
+    ax_std.plot(index, [r["residual_std"] for r in rows], marker="o", ms=3, color="C1")
+    ax_ratio.set(xlabel="unit (forward order)", ylabel="‖F(x)‖ / ‖x‖",
+                 title="Residual ratio: distance from the identity")  # fmt: skip
+    ax_std.set(xlabel="unit (forward order)", ylabel="std of F(x)",
+               title="Residual response spread")  # fmt: skip
+    for ax in (ax_ratio, ax_std):
+        _shade_stages(ax, rows)
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+    return _save(fig, path)
+
+
+def _shade_stages(ax: Any, rows: Sequence[dict[str, Any]]) -> None:
+    # Alternate background bands mark the stages, so depth trends within a stage stand out.
+    stages: dict[str, list[int]] = {}
+    for r in rows:
+        stages.setdefault(r["stage"], []).append(r["index"])
+    for k, (stage, idx) in enumerate(stages.items()):
+        if k % 2:
+            ax.axvspan(min(idx) - 0.5, max(idx) + 0.5, color="0.92", zorder=0)
+        ax.text((min(idx) + max(idx)) / 2, 1.0, stage, transform=ax.get_xaxis_transform(),
+                ha="center", va="bottom", fontsize=8, color="0.4")  # fmt: skip
+
+
+def plot_lesion(result: dict[str, Any], path: str | os.PathLike[str], title: str = "") -> Path:
+    """Test accuracy with each unit removed (bars) beside the intact accuracy (line)."""
+    plt = _pyplot()
+    rows = result["units"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(rows) + 2), 4))
+    index = [r["index"] for r in rows]
+    heights = [100 * r["accuracy"] if r["accuracy"] is not None else 0.0 for r in rows]
+    colors = ["C0" if r["accuracy"] is not None else "0.8" for r in rows]
+    ax.bar(index, heights, color=colors, width=0.8)
+    for r in rows:
+        if r["accuracy"] is None:  # a plain unit that changes shape cannot be removed
+            ax.text(r["index"], 1, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
+    ax.axhline(100 * result["intact_accuracy"], color="C3", ls="--",
+               label=f"intact {100 * result['intact_accuracy']:.1f}%")  # fmt: skip
+    _shade_stages(ax, rows)
+    ax.set(xlabel="unit removed (forward order)", ylabel="test accuracy (%)", ylim=(0, 100),
+           title=title or "Lesion study: one unit removed at a time")  # fmt: skip
+    ax.legend(loc="lower left")
+    return _save(fig, path)
+
+
+def plot_gradient_flow(
+    flows: dict[str, Sequence[dict[str, Any]]], path: str | os.PathLike[str], title: str = ""
+) -> Path:
+    """Gradient norm per weight layer at initialisation, one line per network (log scale)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for k, (label, rows) in enumerate(flows.items()):
+        ax.plot([r["index"] for r in rows], [r["grad_norm"] for r in rows], marker=".",
+                label=label, color=f"C{k}")  # fmt: skip
+    ax.set_yscale("log")
+    ax.set(xlabel="weight layer (input → output)", ylabel="‖∂loss/∂W‖",
+           title=title or "Gradient flow at initialisation")  # fmt: skip
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_degradation(
+    histories: dict[str, Sequence[dict[str, Any]]], path: str | os.PathLike[str]
+) -> Path:
+    """Training (thin, dashed) and test (bold) error per epoch: plain nets left, residual
+    right, one colour per depth (He et al. 2015, Fig. 6). Keys are model names."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    depths = sorted({int("".join(ch for ch in name if ch.isdigit())) for name in histories})
+    for ax, family, title in ((axes[0], "plain", "Plain networks"),
+                              (axes[1], "resnet", "Residual networks")):  # fmt: skip
+        for name, history in histories.items():
+            if not name.startswith(family) or not history:
+                continue
+            depth = int("".join(ch for ch in name if ch.isdigit()))
+            color = f"C{depths.index(depth)}"
+            epochs = [h["epoch"] for h in history]
+            ax.plot(epochs, [100 * h["train_error"] for h in history], color=color, ls="--",
+                    lw=1, label=f"{name} train")  # fmt: skip
+            ax.plot(epochs, [100 * h["test_error"] for h in history], color=color, lw=2.2,
+                    label=f"{name} test")  # fmt: skip
+        ax.set(xlabel="epoch", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_ylabel("error (%)")
+    return _save(fig, path)

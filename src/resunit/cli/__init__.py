@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from resunit import __version__
-from resunit.cli import deploy, train, zoo
+from resunit.cli import deploy, inspect, train, zoo
 from resunit.cli.common import run_command
 
-COMMAND_MODULES = [zoo, train, deploy]
+COMMAND_MODULES = [zoo, train, deploy, inspect]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,624 @@
+"""Measure what residual units do: shapes, parameters, MACs, residual ratios, lesions, gradients.
+
+Every function takes a model (and, where it needs them, real batches) and returns plain data
+(dicts and lists of numbers) that the CLI prints as a table or JSON and ``plots`` draws:
+
+* :func:`inspect_model` — one row per unit: shapes, which shortcut and why, parameters and
+  multiply-accumulates (MACs) of its residual branch and of its shortcut, plus totals;
+* :func:`inspect_unit` — the same for one unit, layer by layer;
+* :func:`residual_ratios` — ‖F(x)‖/‖x‖ and the spread of F(x) per unit (He et al. 2015, Fig. 7);
+* :func:`lesion_study` — accuracy with each unit replaced by its shortcut (Veit et al. 2016);
+* :func:`gradient_flow` — gradient norm per layer at initialisation, residual vs plain.
+
+MACs come from PyTorch's own ``torch.utils.flop_counter`` (FLOPs ÷ 2), never hand-written
+formulas; it counts convolutions and matrix products only, which is what torchvision's table
+of GFLOPS (really GMACs) counts too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from resunit.blocks import BLOCKS, ResidualUnit, describe_shortcut, normalize_shortcut_kind
+from resunit.errors import ConfigError
+from resunit.models import ResNet, count_parameters, create_model, get_model_spec, list_models
+
+# --- counting -----------------------------------------------------------------------------
+
+
+def count_macs(fn: Any, *args: Any) -> int:
+    """Multiply-accumulates of ``fn(*args)`` as PyTorch's flop counter sees them (FLOPs ÷ 2)."""
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops() // 2
+
+
+def _params(module: nn.Module | None) -> int:
+    return 0 if module is None else count_parameters(module)
+
+
+def parse_input_shape(text: str) -> tuple[int, int, int]:
+    """``"3x224x224"`` (or ``3×224×224``, ``3,224,224``) → (channels, height, width)."""
+    parts = text.lower().replace("×", "x").replace(",", "x").split("x")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"--input must look like 3x224x224 (channels×height×width), got {text!r}")
+    return shape  # type: ignore[return-value]
+
+
+def default_input_shape(model: ResNet) -> tuple[int, int, int]:
+    """The input the model was designed for: 224×224 for ImageNet stems, 32×32 for CIFAR."""
+    size = 224 if model.stem_type == "imagenet" else 32
+    return model.in_chans, size, size
+
+
+def _meta_input(model: nn.Module, shape: Sequence[int]) -> Tensor:
+    device = next(model.parameters()).device
+    return torch.zeros((1, *shape), device=device)
+
+
+# --- inspect ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def inspect_model(model: ResNet, input_shape: Sequence[int] | None = None) -> dict[str, Any]:
+    """One row per residual unit (plus the stem and the head) and the totals of the model.
+
+    Each unit row holds the input and output shape, the shortcut kind and a sentence saying
+    why it was chosen, and the parameters and MACs of the residual branch and of the shortcut.
+    Works on a model built on the ``meta`` device (no memory, instant for any size).
+    """
+    shape = tuple(input_shape) if input_shape else default_input_shape(model)
+    if shape[0] != model.in_chans:
+        raise ConfigError(
+            f"the model takes {model.in_chans} input channels but --input has {shape[0]}"
+        )
+    was_training = model.training
+    model.eval()
+    x = _meta_input(model, shape)
+    rows: list[dict[str, Any]] = []
+    stem_macs = count_macs(model.forward_stem, x)
+    stem_out = model.forward_stem(x)
+    stem_params = sum(_params(getattr(model, name, None)) for name in ("conv1", "bn1"))
+    rows.append(_row("stem", "stem", x, stem_out, "", "", stem_params, stem_macs, 0, 0))
+    x = stem_out
+    for name, unit in model.named_units():
+        residual_macs = count_macs(unit.residual, x)
+        shortcut_macs = count_macs(unit.shortcut, x)
+        out = unit(x)
+        shortcut_params = _params(unit.downsample)
+        rows.append(
+            _row(
+                name,
+                type(unit).__name__,
+                x,
+                out,
+                unit.shortcut_kind,
+                describe_shortcut(unit, int(x.shape[-1])),
+                _params(unit) - shortcut_params,
+                residual_macs,
+                shortcut_params,
+                shortcut_macs,
+            )
+        )
+        x = out
+    features = model._finish_features(x)
+    head_params = count_parameters(model) - sum(
+        r["residual_params"] + r["shortcut_params"] for r in rows
+    )
+    head_macs = count_macs(model.forward_head, features)
+    logits = model.forward_head(features)
+    rows.append(_row("head", "pool+fc", x, logits, "", "", head_params, head_macs, 0, 0))
+    total_macs = count_macs(model, _meta_input(model, shape))
+    model.train(was_training)
+    return {
+        "input": list(shape),
+        "units": rows,
+        "total_parameters": count_parameters(model),
+        "total_macs": total_macs,
+    }
+
+
+def _row(
+    name: str,
+    kind: str,
+    x: Tensor,
+    out: Tensor,
+    shortcut: str,
+    why: str,
+    residual_params: int,
+    residual_macs: int,
+    shortcut_params: int,
+    shortcut_macs: int,
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "block": kind,
+        "input_shape": list(x.shape[1:]),
+        "output_shape": list(out.shape[1:]),
+        "shortcut": shortcut,
+        "shortcut_reason": why,
+        "residual_params": residual_params,
+        "residual_macs": residual_macs,
+        "shortcut_params": shortcut_params,
+        "shortcut_macs": shortcut_macs,
+    }
+
+
+def make_unit(
+    in_channels: int,
+    out_channels: int,
+    stride: int = 1,
+    block: str = "basic",
+    shortcut: str = "auto",
+) -> ResidualUnit:
+    """One unit that maps ``in_channels`` to ``out_channels`` (bottlenecks: out = 4 × planes)."""
+    if block not in BLOCKS:
+        raise ConfigError(f"unknown block {block!r}: choose one of {', '.join(BLOCKS)}")
+    cls = BLOCKS[block]
+    if out_channels % cls.expansion:
+        raise ConfigError(
+            f"a {block} unit outputs {cls.expansion}× its planes: --out must be a multiple of "
+            f"{cls.expansion}, got {out_channels}"
+        )
+    if min(in_channels, out_channels, stride) < 1:
+        raise ConfigError("--in, --out and --stride must be ≥ 1")
+    return cls(in_channels, out_channels // cls.expansion, stride, shortcut=shortcut)
+
+
+@torch.no_grad()
+def inspect_unit(unit: ResidualUnit, size: int) -> dict[str, Any]:
+    """Walk one unit on a ``size``×``size`` input layer by layer: residual branch, shortcut,
+    then the addition. Each step has its module, shapes, parameters and MACs."""
+    if size < 1:
+        raise ConfigError(f"--size must be ≥ 1, got {size}")
+    unit.eval()
+    x = _meta_input(unit, (unit.in_channels, size, size))
+    steps: list[dict[str, Any]] = []
+    names = {module: name for name, module in unit.named_modules()}
+    branch = ["residual"]
+
+    def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if list(module.children()):  # only leaves are layers (a Sequential is not)
+            return
+        steps.append(
+            {
+                "branch": branch[0],
+                "layer": names[module],
+                "module": _module_summary(module),
+                "input_shape": list(inputs[0].shape[1:]),
+                "output_shape": list(output.shape[1:]),
+                "params": _params(module),
+                "_call": (module, inputs[0].clone()),
+            }
+        )
+
+    handles = [m.register_forward_hook(record) for m in unit.modules() if m is not unit]
+    try:
+        residual = unit.residual(x)
+        branch[0] = "shortcut"
+        shortcut = unit.shortcut(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for step in steps:
+        # Re-run each layer alone under the counter (hooks removed): the MACs of that step only.
+        step["macs"] = count_macs(*step.pop("_call"))
+    out = unit(x)
+    if shortcut is None:
+        merge = "ReLU(F(x))" if not unit.preactivation else "F(x)"
+    elif unit.preactivation:
+        merge = "F(x) + shortcut(x)  (no ReLU after the sum: pre-activation)"
+    else:
+        merge = "ReLU(F(x) + shortcut(x))"
+    steps.append(
+        {
+            "branch": "output",
+            "layer": "add" if shortcut is not None else "(no shortcut)",
+            "module": merge,
+            "input_shape": list(residual.shape[1:]),
+            "output_shape": list(out.shape[1:]),
+            "params": 0,
+            "macs": 0,
+        }
+    )
+    if shortcut is not None and unit.downsample is None:
+        steps.insert(
+            len(steps) - 1,
+            {
+                "branch": "shortcut",
+                "layer": "identity",
+                "module": "x itself",
+                "input_shape": list(x.shape[1:]),
+                "output_shape": list(shortcut.shape[1:]),
+                "params": 0,
+                "macs": 0,
+            },
+        )
+    return {
+        "block": type(unit).__name__,
+        "input_shape": list(x.shape[1:]),
+        "output_shape": list(out.shape[1:]),
+        "shortcut": unit.shortcut_kind,
+        "shortcut_reason": describe_shortcut(unit, size),
+        "steps": steps,
+        "total_parameters": count_parameters(unit),
+        "total_macs": count_macs(unit, x),
+    }
+
+
+def _module_summary(module: nn.Module) -> str:
+    if isinstance(module, nn.Conv2d):
+        k, s = module.kernel_size, module.stride
+        groups = f", groups {module.groups}" if module.groups > 1 else ""
+        return f"conv {k[0]}×{k[1]}/{s[0]} {module.in_channels}→{module.out_channels}{groups}"
+    if isinstance(module, nn.BatchNorm2d):
+        return f"batch norm ({module.num_features})"
+    if isinstance(module, nn.AvgPool2d):
+        return f"avg-pool {module.kernel_size}/{module.stride}"
+    if isinstance(module, nn.ReLU):
+        return "ReLU"
+    name = type(module).__name__
+    extra = module.extra_repr()
+    return f"{name} ({extra})" if extra else name
+
+
+# --- residual ratios ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def residual_ratios(model: ResNet, batches: Iterable[Tensor]) -> list[dict[str, Any]]:
+    """Per unit: mean over images of ‖F(x)‖ / ‖x‖ and the standard deviation of F(x).
+
+    ``F(x)`` is the unit's residual branch alone (``unit.residual``) evaluated on the input
+    the unit receives inside the intact network, in eval mode. A ratio near 0 means the unit
+    is close to the identity; He et al. 2015 (Fig. 7) show residual responses shrinking with
+    depth. The spread is the standard deviation over all elements of F(x), over all batches.
+    """
+    was_training = model.training
+    model.eval()
+    stats: dict[str, dict[str, float]] = {}
+    for images in batches:
+        x = model.forward_stem(images)
+        for name, unit in model.named_units():
+            residual = unit.residual(x).double()
+            flat_x = x.double().flatten(1)
+            flat_r = residual.flatten(1)
+            # Images whose input is all zero have no defined ratio; they are rare and skipped.
+            input_norm = flat_x.norm(dim=1)
+            valid = input_norm > 0
+            ratio = flat_r.norm(dim=1)[valid] / input_norm[valid]
+            s = stats.setdefault(
+                name, {"ratio_sum": 0.0, "images": 0, "sum": 0.0, "sumsq": 0.0, "count": 0}
+            )
+            s["ratio_sum"] += float(ratio.sum())
+            s["images"] += int(valid.sum())
+            s["sum"] += float(flat_r.sum())
+            s["sumsq"] += float((flat_r * flat_r).sum())
+            s["count"] += flat_r.numel()
+            x = unit(x)
+    model.train(was_training)
+    if not stats:
+        raise ConfigError("residual ratios need at least one batch of images")
+    rows = []
+    for index, (name, unit) in enumerate(model.named_units()):
+        s = stats[name]
+        mean = s["sum"] / s["count"]
+        variance = max(s["sumsq"] / s["count"] - mean * mean, 0.0)
+        rows.append(
+            {
+                "index": index,
+                "name": name,
+                "stage": name.split(".")[0],
+                "shortcut": unit.shortcut_kind,
+                "residual_ratio": s["ratio_sum"] / max(s["images"], 1),
+                "residual_std": math.sqrt(variance),
+            }
+        )
+    return rows
+
+
+def mean_ratio_per_stage(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Average residual ratio of the units of each stage, in stage order."""
+    groups: dict[str, list[float]] = {}
+    for row in rows:
+        groups.setdefault(row["stage"], []).append(row["residual_ratio"])
+    return {stage: sum(values) / len(values) for stage, values in groups.items()}
+
+
+# --- lesion study -------------------------------------------------------------------------
+
+
+class ShortcutOnly(nn.Module):
+    """A lesioned unit: its residual branch removed, only ``shortcut(x)`` remains.
+
+    For a plain unit (no shortcut) the lesion is the identity, possible only where the unit
+    keeps the shape of its input.
+    """
+
+    def __init__(self, unit: ResidualUnit) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.unit.shortcut(x)
+        return x if out is None else out
+
+
+def can_lesion(unit: ResidualUnit) -> bool:
+    """A unit with a shortcut can always be removed; a plain one only if shapes match."""
+    return unit.has_shortcut or (unit.in_channels == unit.out_channels and unit.stride == 1)
+
+
+@contextlib.contextmanager
+def lesioned(model: ResNet, name: str) -> Iterator[ResNet]:
+    """Within the block, unit ``name`` (e.g. ``"layer2.3"``) is replaced by its shortcut."""
+    stage_name, index = name.rsplit(".", 1)
+    stage = getattr(model, stage_name)
+    unit = stage[int(index)]
+    if not can_lesion(unit):
+        raise ConfigError(f"{name} has no shortcut and changes shape: it cannot be removed")
+    stage[int(index)] = ShortcutOnly(unit)
+    try:
+        yield model
+    finally:
+        stage[int(index)] = unit
+
+
+def lesion_study(
+    model: ResNet,
+    dataset: Any,
+    *,
+    input_size: int | None = None,
+    batch_size: int = 500,
+) -> dict[str, Any]:
+    """Test accuracy of the intact model and with each unit removed in turn (Veit et al. 2016).
+
+    Returns ``intact_accuracy`` and one row per unit with ``accuracy`` (None where the unit
+    cannot be removed: a plain unit that changes shape) and ``drop`` = intact − lesioned.
+    """
+    from resunit.train import evaluate
+
+    def accuracy() -> float:
+        return evaluate(model, dataset, batch_size, input_size=input_size)["accuracy"]
+
+    intact = accuracy()
+    rows = []
+    for index, (name, unit) in enumerate(model.named_units()):
+        value = None
+        if can_lesion(unit):
+            with lesioned(model, name):
+                value = accuracy()
+        rows.append(
+            {
+                "index": index,
+                "name": name,
+                "stage": name.split(".")[0],
+                "shortcut": unit.shortcut_kind,
+                "accuracy": value,
+                "drop": None if value is None else intact - value,
+            }
+        )
+    return {"intact_accuracy": intact, "units": rows}
+
+
+def worst_lesion(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The row of the unit whose removal costs the most accuracy (None if none removable)."""
+    rows = [r for r in result["units"] if r["drop"] is not None]
+    return max(rows, key=lambda r: r["drop"]) if rows else None
+
+
+# --- gradient flow ------------------------------------------------------------------------
+
+
+def counterparts(model_name: str, **overrides: Any) -> dict[str, tuple[str, str, dict[str, Any]]]:
+    """The residual and the plain version of one architecture: ``version → (label, registered
+    name, overrides)`` for :func:`~resunit.models.create_model`.
+
+    The plain version drops every shortcut; for a plain model (``plain56``) the residual
+    version is the paper's twin (``resnet56``, option A) or else the ``auto`` shortcut.
+    """
+    shortcut = overrides.get("shortcut", get_model_spec(model_name).kwargs.get("shortcut"))
+    if normalize_shortcut_kind(shortcut or "auto") != "none":
+        plain = {**overrides, "shortcut": "none"}
+        return {
+            "residual": (model_name, model_name, overrides),
+            "plain": (f"{model_name} without shortcuts", model_name, plain),
+        }
+    twin = "resnet" + model_name.removeprefix("plain")
+    if model_name.startswith("plain") and twin in list_models():
+        rest = {k: v for k, v in overrides.items() if k != "shortcut"}
+        residual = (twin, twin, rest)
+    else:
+        residual = (f"{model_name} with shortcuts", model_name, {**overrides, "shortcut": "auto"})
+    return {"residual": residual, "plain": (model_name, model_name, overrides)}
+
+
+def layer_gradient_norms(model: nn.Module, images: Tensor, labels: Tensor) -> list[dict[str, Any]]:
+    """‖∂loss/∂W‖ of every weight layer on the main path (convs and the classifier), in
+    forward order, after one backward pass of the cross-entropy on ``images`` (train mode,
+    as the first step of training sees it). Shortcut projections are left out so that a
+    residual net and its plain counterpart have the same layers."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(images), labels)
+    loss.backward()
+    rows = []
+    for name, param in model.named_parameters():
+        if param.ndim < 2 or "downsample" in name:
+            continue
+        grad = param.grad
+        norm = 0.0 if grad is None else float(grad.detach().double().norm())
+        rows.append({"index": len(rows), "layer": name.removesuffix(".weight"), "grad_norm": norm})
+    model.zero_grad(set_to_none=True)
+    return rows
+
+
+def gradient_flow(
+    model_name: str,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    seed: int = 0,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Gradient norm per layer at initialisation for an architecture's residual and plain
+    versions (see :func:`counterparts`), both seeded alike and given the same batch.
+
+    Returns ``{"residual": rows, "plain": rows, "labels": {"residual": …, "plain": …}}``.
+    """
+    result: dict[str, Any] = {"labels": {}}
+    for version in ("residual", "plain"):
+        label, name, options = counterparts(model_name, **overrides)[version]
+        torch.manual_seed(seed)
+        model = create_model(name, **options)
+        result[version] = layer_gradient_norms(model, images, labels)
+        result["labels"][version] = label
+    return result
+
+
+# --- everything about one trained checkpoint ------------------------------------------------
+
+
+def analyze_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    data: str | None = None,
+    data_root: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 500,
+    out_dir: str | os.PathLike[str] | None = None,
+    plots: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Residual ratios and lesion study of a trained checkpoint on its test data, and gradient
+    flow at initialisation of its architecture vs the plain counterpart.
+
+    ``data`` defaults to the dataset the checkpoint was trained on; ``limit`` caps the number
+    of test images (lesion studies of big test sets are slow on a CPU). Writes
+    ``analysis.json`` (and PNG plots unless ``plots=False``) to ``out_dir`` when given.
+    """
+    from resunit.checkpoint import load_model
+    from resunit.data import load_dataset
+    from resunit.train import prepare_batch
+
+    model, config = load_model(path)
+    data = data or config.get("data") or config.get("dataset") or "digits"
+    test_set = load_dataset(data, "test", data_root or config.get("data_root"))
+    if test_set.in_chans != model.in_chans:
+        raise ConfigError(
+            f"{path} takes {model.in_chans}-channel images but {data} has {test_set.in_chans}"
+        )
+    if test_set.num_classes != model.num_classes:
+        raise ConfigError(
+            f"{path} predicts {model.num_classes} classes but {data} has "
+            f"{test_set.num_classes}: analyse it on the data it was trained on"
+        )
+    if config.get("mean") and config.get("std"):
+        # Normalise exactly as in training, with the training set's statistics.
+        test_set = dataclasses.replace(
+            test_set, mean=tuple(config["mean"]), std=tuple(config["std"])
+        )
+    if limit is not None:
+        if limit < 1:
+            raise ConfigError(f"--limit must be ≥ 1, got {limit}")
+        test_set = test_set.subset(torch.arange(min(limit, len(test_set))))
+    input_size = config.get("input_size")
+
+    def batches() -> Iterator[Tensor]:
+        for start in range(0, len(test_set), batch_size):
+            images = test_set.images[start : start + batch_size]
+            yield prepare_batch(images, test_set.mean, test_set.std, input_size)
+
+    ratios = residual_ratios(model, batches())
+    lesion = lesion_study(model, test_set, input_size=input_size, batch_size=batch_size)
+    train_set = load_dataset(data, "train", data_root or config.get("data_root"))
+    first = slice(0, min(128, len(train_set)))
+    images = prepare_batch(train_set.images[first], test_set.mean, test_set.std, input_size)
+    flow = gradient_flow(
+        config["model"],
+        images,
+        train_set.labels[first],
+        seed=seed,
+        num_classes=model.num_classes,
+        in_chans=model.in_chans,
+        **dict(config.get("model_overrides") or {}),
+    )
+    worst = worst_lesion(lesion)
+    result: dict[str, Any] = {
+        "checkpoint": str(path),
+        "model": config["model"],
+        "data": data,
+        "test_images": len(test_set),
+        "residual_ratios": ratios,
+        "mean_ratio_per_stage": mean_ratio_per_stage(ratios),
+        "lesion": lesion,
+        "worst_lesion": worst,
+        "gradient_flow": flow,
+        "plots": {},
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if plots:
+            result["plots"] = _plot_analysis(result, out)
+        (out / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _plot_analysis(result: dict[str, Any], out: Path) -> dict[str, str]:
+    try:
+        from resunit import plots
+    except ImportError:  # matplotlib is optional ([plot] extra)
+        return {}
+    name = result["model"]
+    flow = result["gradient_flow"]
+    return {
+        "residual_ratios": str(
+            plots.plot_residual_ratios(result["residual_ratios"], out / "residual_ratios.png")
+        ),
+        "lesion": str(
+            plots.plot_lesion(result["lesion"], out / "lesion.png", f"Lesion study: {name}")
+        ),
+        "gradient_flow": str(
+            plots.plot_gradient_flow(
+                {flow["labels"][v]: flow[v] for v in ("residual", "plain")},
+                out / "gradient_flow.png",
+            )
+        ),
+    }  # fmt: skip
+
+
+__all__ = [
+    "ShortcutOnly",
+    "analyze_checkpoint",
+    "can_lesion",
+    "count_macs",
+    "counterparts",
+    "default_input_shape",
+    "gradient_flow",
+    "inspect_model",
+    "inspect_unit",
+    "layer_gradient_norms",
+    "lesion_study",
+    "lesioned",
+    "make_unit",
+    "mean_ratio_per_stage",
+    "parse_input_shape",
+    "residual_ratios",
+    "worst_lesion",
+]

@@ -1,0 +1,351 @@
+"""``resunit inspect``, ``analyze``, ``experiment`` and ``report``: parsing and printing only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from resunit.cli.common import add_json_flag, format_table, print_json
+from resunit.errors import ConfigError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_inspect(subparsers)
+    _register_analyze(subparsers)
+    _register_experiment(subparsers)
+    _register_report(subparsers)
+
+
+def _count(n: int) -> str:
+    """1234567 → '1.23M': short enough for a table, exact values are in --json."""
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= limit:
+            return f"{n / limit:.3f}{suffix}" if suffix == "G" else f"{n / limit:.2f}{suffix}"
+    return str(n)
+
+
+def _shape(shape: list[int]) -> str:
+    return "×".join(map(str, shape))
+
+
+# --- inspect --------------------------------------------------------------------------------
+
+
+def _register_inspect(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "inspect",
+        help="shapes, shortcuts, parameters and MACs of every residual unit",
+        description="One row per residual unit: input → output shape, the shortcut it uses and "
+        "why, parameters and multiply-accumulates (MACs, counted by torch.utils.flop_counter) "
+        "of its residual branch and of its shortcut, then the totals. MODEL is a registered "
+        "name (`resunit models`) or a checkpoint written by `resunit train`. "
+        "`resunit inspect block --in 64 --out 128 --stride 2 --size 56` walks one unit "
+        "layer by layer instead.",
+    )
+    p.add_argument("model", metavar="MODEL", help="registered model, checkpoint path, or 'block'")
+    p.add_argument(
+        "--input",
+        metavar="C×H×W",
+        help="input shape, e.g. 3x224x224 (default: 224×224 for ImageNet models, 32×32 for "
+        "CIFAR ones, the training size for a checkpoint)",
+    )
+    g = p.add_argument_group("inspect block")
+    g.add_argument("--in", dest="in_channels", type=int, default=64, help="input channels")
+    g.add_argument("--out", dest="out_channels", type=int, default=128, help="output channels")
+    g.add_argument("--stride", type=int, default=2, help="stride of the unit")
+    g.add_argument("--size", type=int, default=56, help="input height and width")
+    g.add_argument(
+        "--block",
+        default="basic",
+        help="basic, bottleneck, preact_basic or preact_bottleneck (default basic)",
+    )
+    g.add_argument(
+        "--shortcut", default="auto", help="auto, projection, pad, avgpool, none (or A/B/C)"
+    )
+    add_json_flag(p)
+    p.set_defaults(handler=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from resunit.analysis import inspect_model, inspect_unit, make_unit, parse_input_shape
+
+    if args.model == "block":
+        with torch.device("meta"):
+            unit = make_unit(
+                args.in_channels, args.out_channels, args.stride, args.block, args.shortcut
+            )
+        result = inspect_unit(unit, args.size)
+        if args.json:
+            print_json(result)
+        else:
+            _print_unit(result)
+        return 0
+    shape = parse_input_shape(args.input) if args.input else None
+    model, title = _build_for_inspection(args.model, shape)
+    result = inspect_model(model, shape)
+    result["model"] = title
+    if args.json:
+        print_json(result)
+    else:
+        _print_model(result)
+    return 0
+
+
+def _build_for_inspection(name: str, shape: tuple[int, int, int] | None) -> tuple[Any, str]:
+    import torch
+
+    from resunit.models import create_model
+
+    if Path(name).suffix in (".pt", ".pth") or Path(name).is_file():
+        from resunit.checkpoint import load_model
+
+        model, config = load_model(name)
+        if shape is None:
+            size = int(config.get("input_size") or 32)
+            shape = (model.in_chans, size, size)
+        return model, f"{config['model']} ({name})"
+    # Built on the meta device: no memory and no time, even for resnet1202 or wrn_28_10.
+    with torch.device("meta"):
+        model = create_model(name, in_chans=shape[0] if shape else None)
+    return model, name
+
+
+def _print_model(result: dict[str, Any]) -> None:
+    rows = []
+    for r in result["units"]:
+        rows.append(
+            (
+                r["name"],
+                f"{_shape(r['input_shape'])} → {_shape(r['output_shape'])}",
+                r["shortcut_reason"] or "-",
+                _count(r["residual_params"]),
+                _count(r["residual_macs"]),
+                _count(r["shortcut_params"]) if r["shortcut"] else "-",
+                _count(r["shortcut_macs"]) if r["shortcut"] else "-",
+            )
+        )
+    headers = ["unit", "shape", "shortcut (why)", "F params", "F MACs", "sc params", "sc MACs"]
+    print(f"{result['model']} on {_shape(result['input'])} input")
+    print(format_table(headers, rows, align="lllrrrr"))
+    print(
+        f"total: {result['total_parameters']:,} parameters, {result['total_macs']:,} MACs "
+        f"({result['total_macs'] / 1e9:.3f} G) per image"
+    )
+
+
+def _print_unit(result: dict[str, Any]) -> None:
+    print(
+        f"{result['block']}: {_shape(result['input_shape'])} → {_shape(result['output_shape'])}; "
+        f"shortcut {result['shortcut_reason']}"
+    )
+    rows = [
+        (
+            s["branch"],
+            s["layer"],
+            s["module"],
+            f"{_shape(s['input_shape'])} → {_shape(s['output_shape'])}",
+            f"{s['params']:,}",
+            f"{s['macs']:,}",
+        )
+        for s in result["steps"]
+    ]
+    print(format_table(["branch", "layer", "operation", "shape", "params", "MACs"], rows,
+                       align="llllrr"))  # fmt: skip
+    print(f"total: {result['total_parameters']:,} parameters, {result['total_macs']:,} MACs")
+
+
+# --- analyze --------------------------------------------------------------------------------
+
+
+def _register_analyze(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "analyze",
+        help="residual ratios, lesion study and gradient flow of a trained model",
+        description="For a trained checkpoint on real test images: the residual ratio "
+        "‖F(x)‖/‖x‖ and the spread of F(x) per unit (He et al. 2015, Fig. 7); test accuracy "
+        "with each unit replaced by its shortcut (Veit et al. 2016); and the gradient norm per "
+        "layer at initialisation for the architecture and its plain counterpart. Writes "
+        "analysis.json and one PNG per analysis.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a .pt from resunit train")
+    p.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
+    p.add_argument("--data-root", help="directory holding the dataset (CIFAR, imagefolder)")
+    p.add_argument("--limit", type=int, help="use only the first N test images (faster)")
+    p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
+    p.add_argument(
+        "--out", help="directory for analysis.json and plots (default: CHECKPOINT_DIR/analysis)"
+    )
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    add_json_flag(p)
+    p.set_defaults(handler=run_analyze)
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    from resunit.analysis import analyze_checkpoint
+
+    out = args.out or str(Path(args.checkpoint).parent / "analysis")
+    result = analyze_checkpoint(
+        args.checkpoint,
+        data=args.data,
+        data_root=args.data_root,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        out_dir=out,
+        plots=not args.no_plots,
+    )
+    if args.json:
+        print_json(result)
+        return 0
+    _print_analysis(result)
+    print(f"\nwrote {Path(out) / 'analysis.json'}" + "".join(
+        f", {p}" for p in result["plots"].values()))  # fmt: skip
+    return 0
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def _print_analysis(result: dict[str, Any]) -> None:
+    lesion = {r["name"]: r for r in result["lesion"]["units"]}
+    flow = result["gradient_flow"]
+    print(f"{result['model']} on {result['test_images']} {result['data']} test images")
+    rows = []
+    for r in result["residual_ratios"]:
+        cut = lesion[r["name"]]
+        drop = "n/a" if cut["drop"] is None else f"{100 * cut['drop']:+.2f}"
+        rows.append(
+            (
+                r["name"],
+                r["shortcut"],
+                f"{r['residual_ratio']:.3f}",
+                f"{r['residual_std']:.3f}",
+                _percent(cut["accuracy"]),
+                drop,
+            )
+        )
+    headers = ["unit", "shortcut", "‖F(x)‖/‖x‖", "std F(x)", "acc. without it", "drop (pts)"]
+    print(format_table(headers, rows, align="llrrrr"))
+    print(f"intact test accuracy: {_percent(result['lesion']['intact_accuracy'])}")
+    worst = result["worst_lesion"]
+    if worst is not None:
+        print(
+            f"worst single-unit lesion: {worst['name']} → {_percent(worst['accuracy'])} "
+            f"({100 * worst['drop']:+.2f} points)"
+        )
+    stages = ", ".join(f"{k} {v:.3f}" for k, v in result["mean_ratio_per_stage"].items())
+    print(f"mean residual ratio per stage: {stages}")
+    for version in ("residual", "plain"):
+        rows_v = flow[version]
+        print(
+            f"gradient norm at init, {flow['labels'][version]}: first layer "
+            f"{rows_v[0]['grad_norm']:.3g}, last conv {rows_v[-2]['grad_norm']:.3g}, "
+            f"classifier {rows_v[-1]['grad_norm']:.3g}"
+        )
+
+
+# --- experiment -----------------------------------------------------------------------------
+
+
+def _register_experiment(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "experiment",
+        help="reproduce a paper experiment (degradation: plain vs residual at several depths)",
+        description="`resunit experiment degradation` trains plain and residual networks of "
+        "several depths with one identical recipe, plots training and test error per epoch "
+        "side by side (He et al. 2015, Fig. 6) and prints a summary that says what the run "
+        "shows. Rerun the same command to resume an interrupted experiment.",
+    )
+    p.add_argument("name", choices=["degradation"], help="which experiment")
+    p.add_argument("--depths", type=int, nargs="+", default=[20, 56], help="depths (20 56)")
+    p.add_argument("--data", default="digits", help="dataset (default digits)")
+    p.add_argument("--data-root", help="directory holding the dataset (CIFAR)")
+    p.add_argument("--recipe", help="training recipe (default: the data's own, fast for digits)")
+    p.add_argument("--epochs", type=int, help="epochs for every network (default: the recipe's)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
+    p.add_argument("--batch-size", type=int, help="batch size (default: the recipe's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every network (default 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
+    p.add_argument("--out", default="runs/degradation", help="experiment directory")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
+    add_json_flag(p)
+    p.set_defaults(handler=run_experiment)
+
+
+def run_experiment(args: argparse.Namespace) -> int:
+    from resunit.experiments import DegradationConfig, run_degradation
+
+    options = {"lr": args.lr, "batch_size": args.batch_size}
+    config = DegradationConfig(
+        depths=args.depths,
+        data=args.data,
+        data_root=args.data_root,
+        recipe=args.recipe,
+        epochs=args.epochs,
+        seed=args.seed,
+        device=args.device,
+        out=args.out,
+        train_options={k: v for k, v in options.items() if v is not None},
+    )
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    summary = run_degradation(config, progress=not args.quiet, log=log)
+    if args.json:
+        print_json(summary)
+        return 0
+    print()
+    print(format_degradation_table(summary))
+    print(f"\n{summary['verdict']}")
+    print(f"\nwrote {Path(args.out) / 'summary.json'} and {Path(args.out) / 'degradation.png'}")
+    return 0
+
+
+def format_degradation_table(summary: dict[str, Any]) -> str:
+    """The summary as a table: one row per network."""
+    rows = [
+        (
+            r["model"],
+            r["depth"],
+            r["epochs"],
+            _percent(r["final_train_error"]),
+            _percent(r["final_test_error"]),
+            _percent(r["best_test_error"]),
+            f"{r['seconds']:.0f}",
+        )
+        for r in summary["networks"]
+    ]
+    headers = ["model", "depth", "epochs", "train error", "test error", "best test", "seconds"]
+    return format_table(headers, rows, align="lrrrrrr")
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def _register_report(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="one self-contained HTML page for a training run or an experiment",
+        description="Write a single HTML file (plots embedded, no network access needed) for a "
+        "training run directory or an experiment directory: configuration, curves, final "
+        "metrics, the inspection table, and residual ratios and lesion results where "
+        "`resunit analyze` has written them.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="directory of a run or an experiment")
+    p.add_argument("--out", help="HTML file to write (default RUN_DIR/report.html)")
+    p.set_defaults(handler=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from resunit.report import write_report
+
+    if not Path(args.run_dir).is_dir():
+        raise ConfigError(f"{args.run_dir} is not a directory: give a run or experiment directory")
+    path = write_report(args.run_dir, args.out)
+    print(f"wrote {path}")
+    return 0
