@@ -1,0 +1,282 @@
+"""The inference path computes the same function as the trained model, only faster."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from resunit import deploy
+from resunit.deploy import (
+    DeployError,
+    count_multiply_adds,
+    fold_batchnorm,
+    fold_conv_bn,
+    measure_interleaved,
+    optimize,
+    parse_input_shape,
+    relative_difference,
+)
+from resunit.errors import ConfigError
+from resunit.models import create_model, get_model_spec, list_models, model_parameter_count
+
+needs_onnx = pytest.mark.skipif(not deploy.onnx_available(), reason="needs the [onnx] extra")
+
+
+def _smallest_of_each_family() -> list[str]:
+    families: dict[str, str] = {}
+    for name in list_models():
+        family = get_model_spec(name).family
+        if family not in families or model_parameter_count(name) < model_parameter_count(
+            families[family]
+        ):
+            families[family] = name
+    return sorted(families.values())
+
+
+# Every family (smallest member), plus every block type and shortcut kind that folding must
+# handle: bottleneck, grouped 3×3 (ResNeXt), projection inside and outside pre-activation
+# units, and ResNet-D's avg-pool shortcut.
+FOLD_CASES = [(name, {}) for name in _smallest_of_each_family()] + [
+    ("resnet50", {}),
+    ("resnext50_32x4d", {}),
+    ("resnet20", {"shortcut": "projection"}),
+    ("resnet20", {"shortcut": "avgpool"}),
+    ("resnet50", {"shortcut": "avgpool"}),
+    ("preact_resnet164", {}),
+    ("wrn_16_4", {"shortcut": "projection"}),
+]
+
+
+def _with_trained_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BN non-trivial running statistics and affine parameters, as training would.
+
+    Fresh BNs (mean 0, var 1, γ 1, β 0) are almost the identity, so folding them proves little.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.25)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.3)
+    return model
+
+
+def _model(name: str, **overrides) -> nn.Module:
+    torch.manual_seed(0)
+    return _with_trained_statistics(create_model(name, **overrides)).eval()
+
+
+def _input(name: str, batch: int = 2) -> torch.Tensor:
+    # ImageNet models at 32×32 still pass through every stage (down to 1×1) in a fraction of
+    # the time of 224×224.
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize(("name", "overrides"), FOLD_CASES, ids=lambda v: str(v or ""))
+def test_folded_model_matches_eval_mode_original(name, overrides):
+    model = _model(name, **overrides)
+    x = _input(name)
+    folded = fold_batchnorm(model)
+    with torch.no_grad():
+        assert relative_difference(folded(x), model(x)) <= 1e-5
+        # Folded in float64, the result is exact up to rounding: this catches a wrong formula
+        # that float32 noise could hide.
+        model64 = copy.deepcopy(model).double()
+        x64 = x.double()
+        assert relative_difference(fold_batchnorm(model64)(x64), model64(x64)) <= 1e-12
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet20", "plain20"])
+def test_post_activation_models_keep_no_batchnorm(name):
+    folded = fold_batchnorm(_model(name))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert all(m.bias is not None for m in folded.modules() if isinstance(m, nn.Conv2d)), (
+        "every conv absorbed a BN shift"
+    )
+
+
+def test_projection_shortcut_batchnorm_is_folded():
+    model = _model("resnet18")
+    folded = fold_batchnorm(model)
+    downsample = folded.layer2[0].downsample
+    assert isinstance(downsample[0], nn.Conv2d) and downsample[0].bias is not None
+    assert isinstance(downsample[1], nn.Identity)
+    # The shortcut alone still computes conv→BN of the original.
+    x = torch.randn(1, 64, 8, 8)
+    with torch.no_grad():
+        expected = model.layer2[0].downsample(x)
+        assert relative_difference(downsample(x), expected) <= 1e-5
+
+
+def test_preactivation_keeps_only_batchnorms_that_follow_an_addition():
+    model = _model("preact_resnet110")
+    folded = fold_batchnorm(model)
+    kept = [name for name, m in folded.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    # Each unit's input BN (bn1) reads the previous sum, as does final_bn: no conv to fold into.
+    expected = [f"{name}.bn1" for name, _ in folded.named_units()] + ["final_bn"]
+    assert kept == expected
+    assert folded.folded_batchnorms == 54  # bn2 of each of the 54 units
+
+
+def test_folding_leaves_the_original_untouched():
+    model = _model("resnet20").train()
+    before = copy.deepcopy(model.state_dict())
+    folded = fold_batchnorm(model)
+    assert model.training and not folded.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_fold_conv_bn_keeps_an_existing_conv_bias_and_groups():
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=4, bias=True)
+    bn = _with_trained_statistics(nn.Sequential(nn.BatchNorm2d(8)))[0].eval()
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        assert relative_difference(fold_conv_bn(conv, bn)(x), bn(conv(x))) <= 1e-6
+
+
+def test_fold_conv_bn_refuses_batchnorm_without_running_statistics():
+    with pytest.raises(ConfigError, match="running statistics"):
+        fold_conv_bn(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_optimize_matches_the_original(channels_last):
+    model = _model("resnet50")
+    x = _input("resnet50")
+    fast = optimize(model, channels_last=channels_last)
+    with torch.no_grad():
+        assert relative_difference(fast(x), model(x)) <= 1e-5
+    assert not torch.is_grad_enabled() or not fast(x).requires_grad
+
+
+def test_optimized_channels_last_weights_are_nhwc():
+    fast = optimize(_model("resnet18"), channels_last=True)
+    conv = fast.model.layer1[0].conv1
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_compiled_model_matches_the_original():
+    works, why = deploy.compile_works()
+    if not works:
+        pytest.skip(f"torch.compile unavailable: {why}")
+    model = _model("resnet20", in_chans=1)
+    x = torch.randn(3, 1, 8, 8)
+    fast = optimize(model, channels_last=True, compile=True)
+    with torch.no_grad():
+        assert relative_difference(fast(x), model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("text", "shape"),
+    [("3x224x224", (3, 224, 224)), ("1×8×8", (1, 8, 8)), ("3,32,32", (3, 32, 32))],
+)
+def test_parse_input_shape(text, shape):
+    assert parse_input_shape(text) == shape
+
+
+@pytest.mark.parametrize("text", ["224x224", "3x0x8", "axbxc", ""])
+def test_parse_input_shape_rejects_malformed_shapes(text):
+    with pytest.raises(ConfigError, match="C×H×W"):
+        parse_input_shape(text)
+
+
+def test_relative_difference_is_relative_to_the_output_scale():
+    expected = torch.tensor([100.0, 0.0])
+    assert relative_difference(torch.tensor([100.0, 1e-3]), expected) == pytest.approx(1e-5)
+
+
+def test_multiply_adds_match_published_counts():
+    # torchvision's model table: ResNet-18 1.81 and ResNet-50 4.09 GFLOPS (multiply-adds).
+    assert count_multiply_adds(create_model("resnet18"), (3, 224, 224)) / 1e9 == pytest.approx(
+        1.81, abs=0.01
+    )
+    assert count_multiply_adds(create_model("resnet50"), (3, 224, 224)) / 1e9 == pytest.approx(
+        4.09, abs=0.01
+    )
+    # He et al. 2015: ResNet-20 on CIFAR, about 41M multiply-adds.
+    assert count_multiply_adds(create_model("resnet20"), (3, 32, 32)) / 1e6 == pytest.approx(
+        41, abs=1
+    )
+
+
+def test_measurement_interleaves_variants_and_rotates_the_order():
+    calls: list[str] = []
+    runners = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    timings = measure_interleaved(runners, batch=4, repeats=3, warmup=1)
+    assert calls == list("abcbcacababc")
+    assert all(len(t.seconds) == 3 and t.batch == 4 for t in timings.values())
+
+
+def test_unknown_variant_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown variant"):
+        deploy.build_variants(create_model("resnet20"), (3, 8, 8), ["eager", "turbo"])
+
+
+# --- ONNX ------------------------------------------------------------------------------------
+
+
+@needs_onnx
+@pytest.mark.parametrize("name", ["resnet20", "preact_resnet110"])
+def test_onnx_export_matches_pytorch_for_any_batch(tmp_path, name):
+    model = _model(name, in_chans=1)
+    path = deploy.export_onnx(model, tmp_path / "m.onnx", (1, 8, 8), dynamic_batch=True)
+    check = deploy.verify_onnx(path, model, (1, 8, 8), batch_sizes=(1, 5))
+    assert check.passed and check.max_relative_difference <= 1e-4
+
+
+@needs_onnx
+def test_exported_graph_has_no_batchnorm(tmp_path):
+    import onnx
+
+    path = deploy.export_onnx(_model("resnet20"), tmp_path / "m.onnx", (3, 8, 8))
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops
+
+
+@needs_onnx
+def test_verification_fails_when_the_export_computes_something_else(tmp_path):
+    model = _model("resnet20")
+    path = deploy.export_onnx(model, tmp_path / "m.onnx", (3, 8, 8))
+    other = _model("resnet20")
+    with torch.no_grad():
+        other.fc.bias.add_(1.0)
+    with pytest.raises(DeployError, match="differs from PyTorch"):
+        deploy.verify_onnx(path, other, (3, 8, 8), batch_sizes=(1,))
+
+
+@needs_onnx
+def test_static_export_rejects_another_batch_size(tmp_path):
+    model = _model("resnet20")
+    path = deploy.export_onnx(model, tmp_path / "m.onnx", (3, 8, 8), dynamic_batch=False)
+    with pytest.raises(DeployError, match="batch of 2"):
+        deploy.verify_onnx(path, model, (3, 8, 8), batch_sizes=(2,))
+
+
+@needs_onnx
+def test_int8_model_is_quantized_and_close_to_float(tmp_path):
+    import onnx
+
+    model = _model("resnet20", in_chans=1)
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(16, 1, 8, 8, generator=g) for _ in range(4)]
+    int8 = deploy.quantize(model, batches, tmp_path / "q.onnx")
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    assert any(node.op_type == "QuantizeLinear" for node in graph.node)
+    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) >= 19  # every conv of ResNet-20 (the classifier may stay float)
+    x = torch.randn(8, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        # 8-bit activations through 19 layers: a few percent of the output scale, not 1e-4.
+        assert relative_difference(int8(x), model(x)) <= 0.1
+    assert not (tmp_path / ".q.tmp").exists(), "intermediate files are cleaned up"
+
+
+@needs_onnx
+def test_quantize_needs_calibration_batches():
+    with pytest.raises(ConfigError, match="calibration"):
+        deploy.quantize(_model("resnet20"), [])
