@@ -118,8 +118,8 @@ def _shade_stages(ax: Any, rows: Sequence[dict[str, Any]]) -> None:
     for k, (stage, idx) in enumerate(stages.items()):
         if k % 2:
             ax.axvspan(min(idx) - 0.5, max(idx) + 0.5, color="0.92", zorder=0)
-        ax.text((min(idx) + max(idx)) / 2, 1.0, stage, transform=ax.get_xaxis_transform(),
-                ha="center", va="bottom", fontsize=8, color="0.4")  # fmt: skip
+        ax.text((min(idx) + max(idx)) / 2, 0.98, stage, transform=ax.get_xaxis_transform(),
+                ha="center", va="top", fontsize=8, color="0.4")  # fmt: skip
 
 
 def plot_lesion(result: dict[str, Any], path: str | os.PathLike[str], title: str = "") -> Path:
