@@ -1,0 +1,117 @@
+"""`resunit export` and `resunit bench` end to end: what they write, print and refuse."""
+
+import json
+
+import pytest
+import torch
+
+from resunit import deploy
+from resunit.checkpoint import save_checkpoint
+from resunit.cli import main
+from resunit.models import create_model
+
+needs_onnx = pytest.mark.skipif(not deploy.onnx_available(), reason="needs the [onnx] extra")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A digits-shaped ResNet-20 checkpoint as `resunit train` writes it (weights untrained)."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    config = {
+        "model": "resnet20",
+        "data": "digits",
+        "dataset": "digits",
+        "num_classes": 10,
+        "in_chans": 1,
+        "input_size": 8,
+        "image_size": [8, 8],
+        "mean": [0.3],
+        "std": [0.4],
+    }
+    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
+    save_checkpoint({"config": config, "model": model.state_dict()}, path)
+    return path
+
+
+@needs_onnx
+def test_export_writes_a_verified_onnx_file_and_says_so(checkpoint, tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--onnx", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert out.is_file()
+    assert "verified in ONNX Runtime" in printed and "1×8×8" in printed
+
+
+@needs_onnx
+def test_export_dynamic_batch_json_reports_the_check(checkpoint, tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    argv = ["export", "--checkpoint", str(checkpoint), "--onnx", str(out), "--dynamic-batch"]
+    assert main([*argv, "--input", "1x16x16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["verified"] is True and result["max_relative_difference"] <= 1e-4
+    assert result["input"] == [1, 16, 16] and result["verified_batches"] == [1, 3]
+    # The file really takes another batch size and input size than it was traced with.
+    runner = deploy.OnnxRuntimeModel(out)
+    assert runner(torch.randn(5, 1, 16, 16)).shape == (5, 10)
+
+
+@needs_onnx
+def test_export_int8_reports_accuracy_before_and_after(checkpoint, tmp_path, capsys):
+    out = tmp_path / "model.int8.onnx"
+    argv = ["export", "--checkpoint", str(checkpoint), "--onnx", str(out), "--int8"]
+    assert main([*argv, "--calibration-batches", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert out.is_file() and result["format"].startswith("int8")
+    assert result["calibration_images"] == 64 and result["test_images"] == 360
+    assert 0.0 <= result["accuracy_float32"] <= 1.0 and 0.0 <= result["accuracy_int8"] <= 1.0
+
+
+def test_export_of_a_missing_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
+    code = main(["export", "--checkpoint", str(tmp_path / "nope.pt"), "--onnx", "x.onnx"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "error:" in err
+
+
+@needs_onnx
+def test_export_with_a_malformed_input_shape_is_exit_2(checkpoint, tmp_path, capsys):
+    argv = ["export", "--checkpoint", str(checkpoint), "--onnx", str(tmp_path / "m.onnx")]
+    assert main([*argv, "--input", "8x8"]) == 2
+    assert "C×H×W" in capsys.readouterr().err
+
+
+def test_bench_prints_every_variant_with_ratios(capsys):
+    argv = ["bench", "resnet20", "--input", "3x8x8", "--batch", "1,2", "--repeats", "1"]
+    assert main([*argv, "--variants", "eager,folded,folded_cl", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = result["results"]
+    assert [(r["variant"], r["batch"]) for r in rows] == [
+        (v, b) for b in (1, 2) for v in ("eager", "folded", "folded_cl")
+    ]
+    assert all(r["images_per_second"] > 0 for r in rows)
+    assert all(r["max_relative_difference"] <= 1e-5 for r in rows)
+    assert all(r["vs_eager"] == 1.0 for r in rows if r["variant"] == "eager")
+
+
+@needs_onnx
+def test_bench_table_includes_onnxruntime(capsys):
+    argv = ["bench", "resnet20", "--input", "3x8x8", "--batch", "2", "--repeats", "1"]
+    assert main([*argv, "--variants", "eager,onnxruntime"]) == 0
+    printed = capsys.readouterr().out
+    assert "× onnxruntime" in printed
+    assert any(line.startswith("onnxruntime") for line in printed.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["resnet9000"], "unknown model"),
+        (["resnet20", "--batch", "0"], "--batch"),
+        (["resnet20", "--variants", "eager,warp"], "unknown variant"),
+    ],
+)
+def test_bench_user_errors_are_one_line_and_exit_2(extra, message, capsys):
+    assert main(["bench", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
