@@ -1,0 +1,281 @@
+"""analysis: MAC counts against published tables, residual ratios against a float64 recomputation,
+lesions against hand-built forwards, gradient norms against autograd in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from resunit.analysis import (
+    can_lesion,
+    counterparts,
+    gradient_flow,
+    inspect_model,
+    inspect_unit,
+    layer_gradient_norms,
+    lesion_study,
+    lesioned,
+    make_unit,
+    mean_ratio_per_stage,
+    parse_input_shape,
+    residual_ratios,
+    worst_lesion,
+)
+from resunit.data import load_dataset, normalize
+from resunit.errors import ConfigError
+from resunit.models import create_model, model_parameter_count
+
+
+def meta_model(name: str, **overrides):
+    with torch.device("meta"):
+        return create_model(name, **overrides)
+
+
+@pytest.fixture(scope="module")
+def digits_test():
+    return load_dataset("digits", "test")
+
+
+@pytest.fixture(scope="module")
+def digits_batch(digits_test):
+    return normalize(digits_test.images[:96], digits_test.mean, digits_test.std)
+
+
+# --- inspect: published numbers ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "gmacs"),
+    [("resnet18", 1.814), ("resnet34", 3.664), ("resnet50", 4.089), ("resnet101", 7.801)],
+)
+def test_macs_match_torchvision_table_at_224(name, gmacs):
+    # torchvision's model table lists these "GFLOPS" (really GMACs) for 224×224 inputs.
+    result = inspect_model(meta_model(name))
+    assert result["input"] == [3, 224, 224]
+    assert round(result["total_macs"] / 1e9, 3) == gmacs
+
+
+def test_resnet20_macs_at_32():
+    # He et al. 2015 CIFAR ResNet-20: ≈ 40.55 M multiply-accumulates at 32×32.
+    total = inspect_model(meta_model("resnet20"))["total_macs"]
+    assert total / 1e6 == pytest.approx(40.55, abs=0.005)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet20", "preact_resnet164", "wrn_16_4"])
+def test_rows_add_up_to_the_totals(name):
+    result = inspect_model(meta_model(name))
+    rows = result["units"]
+    assert sum(r["residual_macs"] + r["shortcut_macs"] for r in rows) == result["total_macs"]
+    assert (
+        sum(r["residual_params"] + r["shortcut_params"] for r in rows)
+        == (result["total_parameters"])
+    )
+    assert result["total_parameters"] == model_parameter_count(name)
+    assert [r["name"] for r in rows[1:-1]] == [n for n, _ in meta_model(name).named_units()]
+
+
+def test_rows_say_which_shortcut_and_why():
+    rows = {r["name"]: r for r in inspect_model(meta_model("resnet18"))["units"]}
+    assert rows["layer1.0"]["shortcut_reason"] == "identity: shapes match"
+    assert rows["layer2.0"]["shortcut_reason"] == "projection 1×1/2: 64→128 channels, 56→28 pixels"
+    assert rows["layer2.0"]["input_shape"] == [64, 56, 56]
+    assert rows["layer2.0"]["output_shape"] == [128, 28, 28]
+    # The projection: 1×1 conv (64·128 weights) + BN (2·128), at 28·28 output positions.
+    assert rows["layer2.0"]["shortcut_params"] == 64 * 128 + 2 * 128
+    assert rows["layer2.0"]["shortcut_macs"] == 28 * 28 * 128 * 64
+
+    cifar = {r["name"]: r for r in inspect_model(meta_model("resnet20"))["units"]}
+    assert cifar["layer2.0"]["shortcut_reason"].startswith("option A pad: 16→32 channels")
+    assert cifar["layer2.0"]["shortcut_params"] == cifar["layer2.0"]["shortcut_macs"] == 0
+
+
+def test_custom_input_size_scales_macs_with_pixels():
+    large = inspect_model(meta_model("resnet50"), (3, 448, 448))["total_macs"]
+    # Convolutions scale with output pixels (four times as many); the classifier does not.
+    fc = 2048 * 1000
+    assert large - fc == 4 * (inspect_model(meta_model("resnet50"))["total_macs"] - fc)
+
+
+def test_block_walk_of_the_56_to_28_example():
+    with torch.device("meta"):
+        unit = make_unit(64, 128, stride=2)
+    walk = inspect_unit(unit, 56)
+    steps = {(s["branch"], s["layer"]): s for s in walk["steps"]}
+    conv1 = steps[("residual", "conv1")]
+    assert conv1["input_shape"] == [64, 56, 56] and conv1["output_shape"] == [128, 28, 28]
+    assert conv1["macs"] == 28 * 28 * 128 * 64 * 9  # outputs × inputs × 3·3, computed here
+    assert steps[("residual", "conv2")]["macs"] == 28 * 28 * 128 * 128 * 9
+    assert steps[("shortcut", "downsample.0")]["macs"] == 28 * 28 * 128 * 64
+    assert walk["steps"][-1]["branch"] == "output"
+    assert walk["total_macs"] == sum(s["macs"] for s in walk["steps"])
+    assert walk["total_parameters"] == sum(s["params"] for s in walk["steps"])
+
+
+def test_block_walk_rejects_impossible_units():
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        make_unit(64, 130, block="bottleneck")
+    with pytest.raises(ConfigError, match="unknown block"):
+        make_unit(64, 128, block="dense")
+
+
+@pytest.mark.parametrize("text", ["3x224x224", "3×224×224", "3,224,224", " 3X224X224 "])
+def test_parse_input_shape(text):
+    assert parse_input_shape(text.strip()) == (3, 224, 224)
+
+
+@pytest.mark.parametrize("text", ["224x224", "3x0x4", "axbxc"])
+def test_parse_input_shape_rejects_nonsense(text):
+    with pytest.raises(ConfigError, match="3x224x224"):
+        parse_input_shape(text)
+
+
+def test_input_channels_must_match_the_model():
+    with pytest.raises(ConfigError, match="3 input channels"):
+        inspect_model(meta_model("resnet20"), (1, 32, 32))
+
+
+# --- residual ratios -----------------------------------------------------------------------
+
+
+def _basic_residual_float64(unit, x):
+    """F(x) of a BasicBlock recomputed from its weights with functional ops, in float64."""
+
+    def bn(bn_module, y):
+        return F.batch_norm(y, bn_module.running_mean.double(), bn_module.running_var.double(),
+                            bn_module.weight.double(), bn_module.bias.double(), False, 0.0,
+                            bn_module.eps)  # fmt: skip
+
+    y = F.conv2d(x, unit.conv1.weight.double(), stride=unit.stride, padding=1)
+    y = F.relu(bn(unit.bn1, y))
+    y = F.conv2d(y, unit.conv2.weight.double(), padding=1)
+    return bn(unit.bn2, y)
+
+
+def test_residual_ratio_matches_a_float64_recomputation(digits_batch):
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    # Non-trivial BN statistics, as a trained model has, so eval mode is not the identity.
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(digits_batch)
+    model.eval()
+    rows = residual_ratios(model, [digits_batch[:50], digits_batch[50:]])
+
+    inputs = {}
+    hooks = [unit.register_forward_pre_hook(lambda m, a, n=name: inputs.__setitem__(n, a[0]))
+             for name, unit in model.named_units()]  # fmt: skip
+    with torch.no_grad():
+        model(digits_batch)
+    for h in hooks:
+        h.remove()
+    for row, (name, unit) in zip(rows, model.named_units(), strict=True):
+        x = inputs[name].double()
+        with torch.no_grad():
+            residual = _basic_residual_float64(unit, x)
+        ratio = (residual.flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)).mean()
+        assert row["name"] == name
+        assert row["residual_ratio"] == pytest.approx(float(ratio), rel=1e-4)
+        assert row["residual_std"] == pytest.approx(float(residual.std(unbiased=False)), rel=1e-4)
+
+
+def test_zero_initialised_units_are_exactly_the_identity(digits_batch):
+    model = create_model("resnet20", num_classes=10, in_chans=1, zero_init_residual=True).eval()
+    rows = residual_ratios(model, [digits_batch])
+    assert all(r["residual_ratio"] == 0.0 and r["residual_std"] == 0.0 for r in rows)
+    assert list(mean_ratio_per_stage(rows)) == ["layer1", "layer2", "layer3"]
+
+
+def test_mean_ratio_per_stage_averages_within_stages():
+    rows = [{"stage": "layer1", "residual_ratio": 1.0}, {"stage": "layer1", "residual_ratio": 0.5},
+            {"stage": "layer2", "residual_ratio": 0.2}]  # fmt: skip
+    assert mean_ratio_per_stage(rows) == {"layer1": 0.75, "layer2": 0.2}
+
+
+# --- lesion ---------------------------------------------------------------------------------
+
+
+def test_lesion_replaces_a_unit_by_its_shortcut_and_restores_it(digits_batch):
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_chans=1).eval()
+    with torch.no_grad():
+        intact = model(digits_batch)
+        with lesioned(model, "layer2.0"):
+            cut = model(digits_batch)
+        # The same network by hand: layer2.0 becomes option A (every 2nd pixel, zero channels).
+        x = model.layer1(model.forward_stem(digits_batch))
+        x = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 0, 16))
+        x = model.layer3(model.layer2[1:](x))
+        expected = model.forward_head(x)
+        again = model(digits_batch)
+    torch.testing.assert_close(cut, expected)
+    assert not torch.allclose(cut, intact)
+    assert torch.equal(again, intact)
+
+
+def test_removing_a_zero_initialised_unit_changes_nothing(digits_test):
+    # F(x) = 0 and x ≥ 0 after a ReLU, so relu(F(x) + x) = x: every lesion is invisible.
+    model = create_model("resnet20", num_classes=10, in_chans=1, zero_init_residual=True)
+    result = lesion_study(model.eval(), digits_test)
+    assert all(r["drop"] == 0.0 for r in result["units"])
+
+
+def test_plain_units_that_change_shape_cannot_be_removed(digits_test):
+    torch.manual_seed(0)
+    model = create_model("plain20", num_classes=10, in_chans=1).eval()
+    result = lesion_study(model, digits_test)
+    na = [r["name"] for r in result["units"] if r["accuracy"] is None]
+    assert na == ["layer2.0", "layer3.0"]
+    assert not can_lesion(model.layer2[0]) and can_lesion(model.layer2[1])
+    with pytest.raises(ConfigError, match="cannot be removed"), lesioned(model, "layer3.0"):
+        pass
+    for row in result["units"]:
+        if row["accuracy"] is not None:
+            assert row["drop"] == pytest.approx(result["intact_accuracy"] - row["accuracy"])
+    worst = worst_lesion(result)
+    assert worst["drop"] == max(r["drop"] for r in result["units"] if r["drop"] is not None)
+
+
+# --- gradient flow --------------------------------------------------------------------------
+
+
+def test_counterparts_pair_residual_and_plain():
+    assert {v: c[0] for v, c in counterparts("resnet20").items()} == {
+        "residual": "resnet20",
+        "plain": "resnet20 without shortcuts",
+    }
+    assert {v: c[1] for v, c in counterparts("plain56").items()} == {
+        "residual": "resnet56",
+        "plain": "plain56",
+    }
+    assert counterparts("resnet18")["plain"][2] == {"shortcut": "none"}
+
+
+def test_gradient_norms_match_autograd_in_float64(digits_test, digits_batch):
+    labels = digits_test.labels[:96]
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    reference = create_model("resnet20", num_classes=10, in_chans=1).double()
+    reference.load_state_dict(model.state_dict())
+    rows = layer_gradient_norms(model, digits_batch, labels)
+
+    reference.train()
+    loss = F.cross_entropy(reference(digits_batch.double()), labels)
+    weights = {n.removesuffix(".weight"): p for n, p in reference.named_parameters()
+               if p.ndim > 1}  # fmt: skip
+    grads = torch.autograd.grad(loss, list(weights.values()))
+    expected = {name: float(g.norm()) for name, g in zip(weights, grads, strict=True)}
+    # resnet20 (option A): 19 convolutions and the classifier, input to output.
+    assert [r["layer"] for r in rows] == list(expected)
+    assert len(rows) == 20 and rows[0]["layer"] == "conv1" and rows[-1]["layer"] == "fc"
+    for row in rows:
+        assert row["grad_norm"] == pytest.approx(expected[row["layer"]], rel=1e-3)
+
+
+def test_gradient_flow_compares_same_layers_of_both_versions(digits_test, digits_batch):
+    flow = gradient_flow("resnet20", digits_batch, digits_test.labels[:96], num_classes=10,
+                         in_chans=1)  # fmt: skip
+    assert flow["labels"] == {"residual": "resnet20", "plain": "resnet20 without shortcuts"}
+    assert [r["layer"] for r in flow["residual"]] == [r["layer"] for r in flow["plain"]]
+    assert all(r["grad_norm"] > 0 for r in flow["residual"] + flow["plain"])
