@@ -190,7 +190,7 @@ def train_network(
         optimizer.load_state_dict(state["optimizer"])
         history = list(state["history"])
     if len(history) >= epochs:
-        log(f"{name}: done ({epochs} epochs), skipped")
+        log(f"{name}: trained earlier ({epochs} epochs), skipped")
         return history
 
     images_all = train_set.images.to(device)

@@ -1,0 +1,135 @@
+"""experiments: the degradation runner on real digits (tiny), its resume, and its verdict."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from resunit.checkpoint import load_model
+from resunit.data import load_dataset
+from resunit.errors import ConfigError
+from resunit.experiments import (
+    DegradationConfig,
+    degradation_verdict,
+    read_histories,
+    run_degradation,
+    summarize_degradation,
+    train_network,
+)
+from resunit.train import evaluate
+
+
+def _row(family: str, depth: int, train_error: float) -> dict:
+    return {"family": family, "depth": depth, "final_train_error": train_error}
+
+
+def test_verdict_reports_degradation_when_the_numbers_show_it():
+    rows = [_row("plain", 20, 0.02), _row("residual", 20, 0.015),
+            _row("plain", 56, 0.08), _row("residual", 56, 0.01)]  # fmt: skip
+    verdict = degradation_verdict(rows)
+    assert verdict.startswith("Degradation reproduced")
+    assert "plain20 2.00% → plain56 8.00%" in verdict
+    assert "resnet20 1.50% → resnet56 1.00%" in verdict
+
+
+def test_verdict_says_when_there_is_no_degradation():
+    rows = [_row("plain", 20, 0.010), _row("residual", 20, 0.010),
+            _row("plain", 56, 0.012), _row("residual", 56, 0.0)]  # fmt: skip
+    # 0.2 points apart is within the half-point margin: "about the same".
+    assert degradation_verdict(rows).startswith("No degradation on this run")
+    both = [_row("plain", 20, 0.0), _row("residual", 20, 0.0),
+            _row("plain", 56, 0.2), _row("residual", 56, 0.1)]  # fmt: skip
+    assert degradation_verdict(both).startswith("Both deeper nets train worse")
+    assert degradation_verdict([_row("plain", 20, 0.1), _row("residual", 20, 0.0)]).startswith(
+        "one depth only"
+    )
+
+
+def test_depths_need_a_plain_and_a_residual_network():
+    assert DegradationConfig(depths=[56, 20]).model_names() == [
+        "plain20", "resnet20", "plain56", "resnet56"
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="depth 50 has no plain/residual pair"):
+        DegradationConfig(depths=[20, 50]).model_names()
+
+
+def test_tiny_experiment_trains_every_network_and_plots_them(tmp_path):
+    out = tmp_path / "degradation"
+    config = DegradationConfig(depths=[20], epochs=2, out=str(out), device="cpu")
+    summary = run_degradation(config, progress=False)
+
+    histories = read_histories(out)
+    assert sorted(histories) == ["plain20", "resnet20"]
+    for history in histories.values():
+        assert [h["epoch"] for h in history] == [1, 2]
+        assert all(0 <= h["train_error"] <= 1 and 0 <= h["test_error"] <= 1 for h in history)
+    assert [r["model"] for r in summary["networks"]] == ["plain20", "resnet20"]
+    assert summary == {**json.loads((out / "summary.json").read_text())}
+    with Image.open(out / "degradation.png") as image:
+        image.verify()
+
+    # The saved network is a loadable checkpoint whose test error is the one recorded.
+    model, cfg = load_model(out / "resnet20" / "last.pt")
+    assert cfg["model"] == "resnet20" and cfg["in_chans"] == 1
+    accuracy = evaluate(model, load_dataset("digits", "test"))["accuracy"]
+    assert 1 - accuracy == pytest.approx(histories["resnet20"][-1]["test_error"])
+    resnet = next(r for r in summary["networks"] if r["model"] == "resnet20")
+    train_accuracy = evaluate(model, load_dataset("digits", "train"))["accuracy"]
+    assert resnet["final_train_error"] == pytest.approx(1 - train_accuracy)
+
+
+def test_interrupted_network_resumes_to_the_same_weights(tmp_path):
+    recipe = DegradationConfig(epochs=2, device="cpu").train_config()
+    train_set, test_set = load_dataset("digits", "train"), load_dataset("digits", "test")
+    straight = train_network("resnet20", recipe, train_set, test_set, tmp_path / "a",
+                             progress=False)  # fmt: skip
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_epoch(line: str) -> None:
+        raise Stop(line)  # the line is printed after the epoch's checkpoint is saved
+
+    with pytest.raises(Stop):
+        train_network("resnet20", recipe, train_set, test_set, tmp_path / "b",
+                      log=stop_after_first_epoch)  # fmt: skip
+    assert len(read_histories(tmp_path)["b"]) == 1
+    resumed = train_network("resnet20", recipe, train_set, test_set, tmp_path / "b",
+                            progress=False)  # fmt: skip
+
+    def drop_time(history):
+        return [{k: v for k, v in h.items() if k != "elapsed_seconds"} for h in history]
+
+    assert drop_time(resumed) == drop_time(straight)
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finished_networks_are_skipped_and_other_settings_refused(tmp_path):
+    out = tmp_path / "exp"
+    config = DegradationConfig(depths=[20], epochs=1, out=str(out), device="cpu")
+    run_degradation(config, progress=False)
+    lines = []
+    run_degradation(config, progress=True, log=lines.append)
+    assert lines == [
+        "plain20: trained earlier (1 epochs), skipped",
+        "resnet20: trained earlier (1 epochs), skipped",
+    ]
+    with pytest.raises(ConfigError, match=r"other settings \(.*epochs"):
+        run_degradation(DegradationConfig(depths=[20], epochs=3, out=str(out)), progress=False)
+
+
+def test_summary_rows_come_from_the_histories():
+    histories = {
+        "plain20": [{"epoch": 1, "train_error": 0.5, "test_error": 0.4, "elapsed_seconds": 1.0},
+                    {"epoch": 2, "train_error": 0.3, "test_error": 0.35, "elapsed_seconds": 2.0,
+                     "final_train_error": 0.25}],
+    }  # fmt: skip
+    (row,) = summarize_degradation(histories)["networks"]
+    assert row == {"model": "plain20", "family": "plain", "depth": 20, "epochs": 2,
+                   "final_train_error": 0.25, "last_epoch_train_error": 0.3,
+                   "final_test_error": 0.35, "best_test_error": 0.35, "seconds": 2.0}  # fmt: skip
