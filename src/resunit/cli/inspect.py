@@ -85,7 +85,7 @@ def run_inspect(args: argparse.Namespace) -> int:
             _print_unit(result)
         return 0
     shape = parse_input_shape(args.input) if args.input else None
-    model, title = _build_for_inspection(args.model, shape)
+    model, shape, title = _build_for_inspection(args.model, shape)
     result = inspect_model(model, shape)
     result["model"] = title
     if args.json:
@@ -95,7 +95,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_for_inspection(name: str, shape: tuple[int, int, int] | None) -> tuple[Any, str]:
+def _build_for_inspection(
+    name: str, shape: tuple[int, int, int] | None
+) -> tuple[Any, tuple[int, int, int] | None, str]:
     import torch
 
     from resunit.models import create_model
@@ -107,11 +109,11 @@ def _build_for_inspection(name: str, shape: tuple[int, int, int] | None) -> tupl
         if shape is None:
             size = int(config.get("input_size") or 32)
             shape = (model.in_chans, size, size)
-        return model, f"{config['model']} ({name})"
+        return model, shape, f"{config['model']} ({name})"
     # Built on the meta device: no memory and no time, even for resnet1202 or wrn_28_10.
     with torch.device("meta"):
         model = create_model(name, in_chans=shape[0] if shape else None)
-    return model, name
+    return model, shape, name
 
 
 def _print_model(result: dict[str, Any]) -> None:

@@ -1,0 +1,147 @@
+"""`resunit inspect`, `analyze`, `experiment` and `report`, end to end on real digits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from resunit.checkpoint import load_model
+from resunit.cli import main
+from resunit.data import load_dataset
+from resunit.train import evaluate, make_config, train
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    train(make_config(epochs=2, out=str(out), device="cpu"), progress=False)
+    return out / "best.pt"
+
+
+def one_error_line(capsys, prefix: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith(f"resunit: error: {prefix}"), err
+    assert err.count("\n") == 1
+    return err
+
+
+# --- inspect --------------------------------------------------------------------------------
+
+
+def test_inspect_json_totals_match_torchvision(capsys):
+    assert main(["inspect", "resnet50", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["total_macs"] == 4_089_184_256 and result["total_parameters"] == 25_557_032
+    assert result["units"][0]["name"] == "stem" and result["units"][-1]["name"] == "head"
+
+
+def test_inspect_table_says_why_each_shortcut(capsys):
+    assert main(["inspect", "resnet18"]) == 0
+    out = capsys.readouterr().out
+    assert "projection 1×1/2: 64→128 channels, 56→28 pixels" in out
+    assert "64×56×56 → 128×28×28" in out and "identity: shapes match" in out
+    assert out.rstrip().endswith(
+        "total: 11,689,512 parameters, 1,814,073,344 MACs (1.814 G) per image"
+    )
+
+
+def test_inspect_with_another_input(capsys):
+    assert main(["inspect", "resnet20", "--input", "1x8x8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["input"] == [1, 8, 8]
+    assert result["units"][-2]["output_shape"] == [64, 2, 2]
+
+
+def test_inspect_a_checkpoint_uses_its_training_input(checkpoint, capsys):
+    assert main(["inspect", str(checkpoint), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["input"] == [1, 8, 8] and result["model"].startswith("resnet20")
+
+
+def test_inspect_block_walks_the_example_layer_by_layer(capsys):
+    args = ["inspect", "block", "--in", "64", "--out", "128", "--stride", "2", "--size", "56"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("BasicBlock: 64×56×56 → 128×28×28; shortcut projection 1×1/2")
+    assert "conv 3×3/2 64→128" in out and "57,802,752" in out  # 28·28·128·64·9
+    assert "downsample.0" in out and "ReLU(F(x) + shortcut(x))" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "prefix"),
+    [
+        (["inspect", "resnet19"], "unknown model 'resnet19'"),
+        (["inspect", "resnet18", "--input", "224x224"], "--input must look like"),
+        (["inspect", "block", "--block", "bottleneck", "--out", "130"], "a bottleneck unit"),
+        (["inspect", "block", "--in", "64", "--out", "32", "--shortcut", "A"], "shortcut 'pad'"),
+        (["inspect", "missing.pt"], "checkpoint not found"),
+    ],
+)
+def test_inspect_user_errors_are_one_line_and_exit_2(argv, prefix, capsys):
+    assert main(argv) == 2
+    one_error_line(capsys, prefix)
+
+
+# --- analyze --------------------------------------------------------------------------------
+
+
+def test_analyze_json_and_files(checkpoint, tmp_path, capsys):
+    out = tmp_path / "analysis"
+    assert main(["analyze", "--checkpoint", str(checkpoint), "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    model, _ = load_model(checkpoint)
+    intact = evaluate(model, load_dataset("digits", "test"))["accuracy"]
+    assert result["lesion"]["intact_accuracy"] == pytest.approx(intact)
+    assert result["test_images"] == 360
+    assert [r["name"] for r in result["residual_ratios"]] == [n for n, _ in model.named_units()]
+    assert json.loads((out / "analysis.json").read_text()) == result
+    for name in ("residual_ratios.png", "lesion.png", "gradient_flow.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_analyze_table_for_people(checkpoint, capsys):
+    assert main(["analyze", "--checkpoint", str(checkpoint), "--limit", "50", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "on 50 digits test images" in out and "intact test accuracy" in out
+    assert "worst single-unit lesion: layer" in out and "mean residual ratio per stage" in out
+    assert "resnet20 without shortcuts" in out
+    assert (checkpoint.parent / "analysis" / "analysis.json").is_file()
+
+
+def test_analyze_user_errors(checkpoint, tmp_path, capsys):
+    assert main(["analyze", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    one_error_line(capsys, "checkpoint not found")
+    assert main(["analyze", "--checkpoint", str(checkpoint), "--data", "synthetic"]) == 2
+    one_error_line(capsys, "")
+    assert main(["analyze", "--checkpoint", str(checkpoint), "--limit", "0"]) == 2
+    one_error_line(capsys, "--limit must be ≥ 1")
+
+
+# --- experiment and report ------------------------------------------------------------------
+
+
+def test_experiment_prints_table_and_verdict_then_report(tmp_path, capsys):
+    out = tmp_path / "exp"
+    argv = ["experiment", "degradation", "--depths", "20", "--epochs", "1", "--out", str(out),
+            "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "plain20" in text and "resnet20" in text and "train error" in text
+    assert "one depth only" in text
+    assert main([*argv, "--json"]) == 0  # rerun: resumes, nothing left to train
+    summary = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in summary["networks"]] == ["plain20", "resnet20"]
+
+    assert main(["report", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out / 'report.html'}"
+    assert '<section id="metrics">' in (out / "report.html").read_text()
+
+
+def test_experiment_and_report_user_errors(tmp_path, capsys):
+    assert main(["experiment", "degradation", "--depths", "21", "--out", str(tmp_path)]) == 2
+    one_error_line(capsys, "depth 21 has no plain/residual pair")
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    one_error_line(capsys, "")
+    assert main(["report", str(tmp_path)]) == 2
+    one_error_line(capsys, f"{tmp_path} holds neither")
