@@ -232,6 +232,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # How protocol-2 pickles written by Python 3 spell bytes; encodes a string, nothing else.
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str) -> Any:

@@ -11,6 +11,7 @@ exactly what the uninterrupted one would have done.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -617,6 +618,7 @@ def train(config: TrainConfig, progress: bool = True, resume: str | None = None)
         "images_per_second": images_seen / max(seconds, 1e-9),
         "interrupted": interrupted,
         "is_main": dist_info.is_main,
+        "weights_sha256": weights_digest(model),
         "best_epoch": best_epoch,
         "best_val_accuracy": best_score if val_set is not None else None,
     }
@@ -638,6 +640,17 @@ def train(config: TrainConfig, progress: bool = True, resume: str | None = None)
             writer.finish(summary)
     writer.close()
     return summary
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of every tensor in the state_dict: equal digests mean bitwise-equal models."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(
+            tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        )
+    return digest.hexdigest()
 
 
 def _non_finite_message(loss: float, step: int, epoch: int, run_dir: Path) -> str:
@@ -793,4 +806,5 @@ __all__ = [
     "read_metrics",
     "shard_indices",
     "train",
+    "weights_digest",
 ]

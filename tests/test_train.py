@@ -1,0 +1,198 @@
+"""The training library: schedule, optimiser, sharding, evaluation and a short real run."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from sklearn.metrics import confusion_matrix
+
+from resunit.checkpoint import load_model, read_checkpoint
+from resunit.data import load_dataset
+from resunit.errors import ConfigError, TrainingError
+from resunit.models import create_model
+from resunit.train import (
+    RECIPES,
+    TrainConfig,
+    evaluate,
+    learning_rate,
+    make_config,
+    make_optimizer,
+    prepare_batch,
+    read_metrics,
+    shard_indices,
+    train,
+    weights_digest,
+)
+
+# --- schedule and optimiser ---------------------------------------------------------------
+
+
+def test_he2015_recipe_divides_lr_at_32k_and_48k_and_stops_at_64k():
+    config = make_config("he2015")
+    assert (config.batch_size, config.lr, config.weight_decay, config.momentum) == (
+        128, 0.1, 1e-4, 0.9)  # fmt: skip
+    assert (config.crop_padding, config.flip, config.steps, config.data) == (4, True, 64_000,
+                                                                              "cifar10")  # fmt: skip
+    lr = [learning_rate(config, s, 64_000, 352) for s in (0, 31_999, 32_000, 47_999, 48_000)]
+    assert lr == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
+
+
+def test_explicit_options_win_over_the_recipe():
+    config = make_config("he2015", lr=0.05, data="cifar100")
+    assert config.lr == 0.05 and config.data == "cifar100" and config.batch_size == 128
+    assert make_config().recipe == "fast" and make_config().flip is False  # never flip digits
+
+
+def test_warmup_cosine_and_onecycle_shapes():
+    c = TrainConfig(lr=1.0, schedule="cosine", warmup_epochs=1)
+    lrs = [learning_rate(c, s, 100, 10) for s in range(100)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # linear warm-up
+    assert lrs[10] == pytest.approx(1.0) and lrs[-1] < 1e-3
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    expected_mid = 0.5 * (1 + math.cos(math.pi * 45 / 90))
+    assert lrs[55] == pytest.approx(expected_mid)
+    o = TrainConfig(lr=1.0, schedule="onecycle")
+    one = [learning_rate(o, s, 100, 10) for s in range(100)]
+    assert max(one) == pytest.approx(1.0) and one.index(max(one)) == 30
+    assert one[0] < 0.1 and one[-1] < 1e-3
+
+
+def test_weight_decay_spares_batchnorm_and_biases():
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    optimizer = make_optimizer(model, TrainConfig(lr=0.1, momentum=0.0, weight_decay=0.5))
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # no loss gradient: only weight decay can move anything
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if p.ndim > 1:  # conv and linear weights shrink by lr × wd = 5%
+            torch.testing.assert_close(p, before[name] * 0.95)
+        else:  # BN scale/shift and the fc bias stay put
+            assert torch.equal(p, before[name]), name
+
+
+def test_invalid_options_are_config_errors():
+    for bad in (dict(lr=-1), dict(epochs=0), dict(schedule="step"), dict(milestones=[40])):
+        with pytest.raises(ConfigError):
+            make_config(**bad)
+    with pytest.raises(ConfigError, match="recipe"):
+        make_config("imagenet")
+
+
+# --- distributed sharding -----------------------------------------------------------------
+
+
+def test_shards_are_disjoint_equal_and_reshuffled_every_epoch():
+    n, world = 103, 4
+    epochs = []
+    for epoch in range(2):
+        shards = [shard_indices(n, torch.Generator().manual_seed(epoch), r, world)
+                  for r in range(world)]  # fmt: skip
+        flat = torch.cat(shards)
+        assert len(set(flat.tolist())) == len(flat) == n - n % world
+        assert {len(s) for s in shards} == {n // world}
+        epochs.append(shards[0])
+    assert not torch.equal(epochs[0], epochs[1])
+
+
+# --- evaluation ---------------------------------------------------------------------------
+
+
+def test_evaluate_agrees_with_scikit_learn_confusion_matrix():
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_chans=1).eval()
+    test = load_dataset("digits", "test")
+    result = evaluate(model, test, batch_size=64)  # several batches, last one partial
+    with torch.no_grad():
+        predicted = model(prepare_batch(test.images, test.mean, test.std)).argmax(1)
+    reference = confusion_matrix(test.labels.numpy(), predicted.numpy(), labels=range(10))
+    assert result["confusion_matrix"] == reference.tolist()
+    assert result["accuracy"] == pytest.approx((predicted == test.labels).double().mean().item())
+    per_class = reference.diagonal() / reference.sum(1)
+    assert result["per_class_accuracy"] == pytest.approx(per_class.tolist())
+
+
+def test_prepare_batch_resizes_to_the_model_input_size():
+    images = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    x = prepare_batch(images, (0.5,), (0.25,), input_size=16, channels_last=True)
+    assert x.shape == (2, 1, 16, 16) and x.is_contiguous(memory_format=torch.channels_last)
+
+
+# --- a real (short) run on digits ---------------------------------------------------------
+
+
+def _quick(tmp_path, name="run", **kw):
+    options = dict(epochs=2, batch_size=32, threads=1, out=str(tmp_path / name))
+    options.update(kw)
+    return make_config(**options)
+
+
+def test_training_on_digits_learns_and_writes_the_run_directory(tmp_path):
+    config = _quick(tmp_path, epochs=3, val_fraction=0.1)
+    summary = train(config, progress=False)
+    run = tmp_path / "run"
+    assert {"config.json", "metrics.jsonl", "last.pt", "best.pt", "curves.png"} <= {
+        p.name for p in run.iterdir()}  # fmt: skip
+    metrics = read_metrics(run)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    assert summary["test_accuracy"] > 0.8  # 3 short epochs; the full default reaches ≥ 99%
+    # config.json holds everything needed to reproduce the run.
+    saved = json.loads((run / "config.json").read_text())
+    # (input_size is saved resolved: the size the model was trained at, here the native 8×8.)
+    assert TrainConfig(**{k: saved[k] for k in config.to_dict()}) == replace(config, input_size=8)
+    assert saved["classes"] == [str(i) for i in range(10)] and saved["in_chans"] == 1
+    # best.pt is chosen on validation accuracy, never on the test set.
+    best_epoch = max(metrics, key=lambda m: m["val_accuracy"])["epoch"]
+    assert read_checkpoint(run / "best.pt")["epoch"] == best_epoch == summary["best_epoch"]
+    model, _ = load_model(run / "last.pt")
+    assert weights_digest(model) == summary["weights_sha256"]
+    test = load_dataset("digits", "test")
+    assert evaluate(model, test)["accuracy"] == pytest.approx(summary["test_accuracy"])
+
+
+def test_same_seed_same_weights_on_cpu(tmp_path):
+    a = train(_quick(tmp_path, "a", epochs=1), progress=False)
+    b = train(_quick(tmp_path, "b", epochs=1), progress=False)
+    c = train(_quick(tmp_path, "c", epochs=1, seed=1), progress=False)
+    assert a["weights_sha256"] == b["weights_sha256"] != c["weights_sha256"]
+
+
+def test_in_process_resume_from_an_epoch_boundary_is_bitwise_identical(tmp_path):
+    kw = dict(epochs=2, crop_padding=1, cutout=2, schedule="constant")
+    full = train(_quick(tmp_path, "full", **kw), progress=False)
+    # A run stopped after epoch 1 (44 steps); with a constant lr nothing else depends on the
+    # total length, so its checkpoint is the one "full" wrote after epoch 1.
+    partial = _quick(tmp_path, "part", **kw, steps=44)
+    train(partial, progress=False)
+    state = read_checkpoint(tmp_path / "part" / "last.pt")
+    state["config"]["steps"] = None  # the same run as "full", stopped after its first epoch
+    torch.save(state, tmp_path / "part" / "last.pt")
+    resumed = train(TrainConfig(), progress=False, resume=str(tmp_path / "part"))
+    assert resumed["weights_sha256"] == full["weights_sha256"]
+    assert [m["epoch"] for m in read_metrics(tmp_path / "part")] == [1, 2]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    # lr × 1e12 at half-way: epoch 1 trains normally, epoch 2 blows up.
+    config = _quick(tmp_path, epochs=2, lr=0.05, gamma=1e12, milestones=[0.5])
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf) at step (\d+) \(epoch 2\)"):
+        train(config, progress=False)
+    state = read_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_recipes_are_valid_configs():
+    for name in RECIPES:
+        make_config(name)
+
+
+def test_run_directory_is_never_overwritten(tmp_path):
+    train(_quick(tmp_path, epochs=1, steps=2), progress=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        train(_quick(tmp_path, epochs=1, steps=2), progress=False)
