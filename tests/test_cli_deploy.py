@@ -13,6 +13,15 @@ from resunit.models import create_model
 needs_onnx = pytest.mark.skipif(not deploy.onnx_available(), reason="needs the [onnx] extra")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from threads; `bench` sets its own (--threads), restored here.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A digits-shaped ResNet-20 checkpoint as `resunit train` writes it (weights untrained)."""
@@ -83,6 +92,7 @@ def test_export_with_a_malformed_input_shape_is_exit_2(checkpoint, tmp_path, cap
 
 def test_bench_prints_every_variant_with_ratios(capsys):
     argv = ["bench", "resnet20", "--input", "3x8x8", "--batch", "1,2", "--repeats", "1"]
+    argv += ["--threads", "1"]
     assert main([*argv, "--variants", "eager,folded,folded_cl", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     rows = result["results"]

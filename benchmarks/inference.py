@@ -1,0 +1,226 @@
+"""Inference throughput of every deployment variant, side by side, against the machine's limit.
+
+For each model and batch size, every variant runs in this one process, interleaved (each round
+runs each variant once, rotating the order), and we report the median of the rounds as images/s
+and as ratios to plain eager PyTorch and to ONNX Runtime float32 on the same exported graph.
+Each variant's GFLOP/s (2 × multiply-adds / time) is shown as a fraction of the theoretical
+float32 peak and of a measured large GEMM. Then int8 accuracy: a ResNet-20 trained on digits,
+quantized through `resunit export --int8`, before/after top-1 on the test split.
+
+    python benchmarks/inference.py                      # the full run (about 10 minutes)
+    python benchmarks/inference.py --models resnet20 --batches 1 --repeats 3   # a quick look
+
+Writes benchmarks/results/inference-<date>.json and prints Markdown tables for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import io
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from machine import cpu_load, describe_machine, measure_gemm_gflops
+from resunit import deploy
+from resunit.models import create_model
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULT_MODELS = {"resnet18": 224, "resnet50": 224, "resnet20": 32}
+FLOAT_VARIANTS = ("folded", "folded_cl", "compiled")  # ours; "best float32" is the fastest
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--variants", default=",".join(deploy.VARIANTS))
+    parser.add_argument("--train-epochs", type=int, default=30, help="digits model for int8")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--out", type=Path, help="JSON path (default results/inference-DATE)")
+    return parser.parse_args()
+
+
+def bench_model(
+    name: str, size: int, batches: list[int], variants: list[str], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    shape = (3, size, size)
+    macs = deploy.count_multiply_adds(model, shape)
+    rows = []
+    for batch in batches:
+        # Calibration only sets int8 ranges; speed does not depend on the values.
+        g = torch.Generator().manual_seed(1)
+        calibration = [torch.randn(8, *shape, generator=g) for _ in range(4)]
+        built, skipped = deploy.build_variants(
+            model, shape, variants, threads=args.threads, calibration_batches=calibration
+        )
+        x = torch.randn(batch, *shape, generator=g)
+        with torch.no_grad():
+            reference = model(x)
+            # The first call compiles (torch.compile) or plans (ONNX Runtime): not timed.
+            diffs = {n: deploy.relative_difference(v.run(x), reference) for n, v in built.items()}
+        runners = {n: (lambda v=v, x=x: v.run(x)) for n, v in built.items()}
+        timings = deploy.measure_interleaved(runners, batch, repeats=args.repeats, warmup=2)
+        eager = timings["eager"].images_per_second
+        ort = timings["onnxruntime"].images_per_second if "onnxruntime" in timings else None
+        for vname, t in timings.items():
+            rate = t.images_per_second
+            spread = (max(t.seconds) - min(t.seconds)) / t.median_seconds
+            rows.append(
+                {
+                    "model": name,
+                    "input": list(shape),
+                    "batch": batch,
+                    "variant": vname,
+                    "images_per_second": rate,
+                    "vs_eager": rate / eager,
+                    "vs_onnxruntime": rate / ort if ort else None,
+                    "gflops": 2 * macs * rate / 1e9,
+                    "max_relative_difference": diffs[vname],
+                    "seconds": t.seconds,
+                    "spread": spread,
+                }
+            )
+        for vname, why in skipped.items():
+            print(f"  {name} batch {batch}: skipped {vname}: {why}", file=sys.stderr)
+        print(f"  done {name} batch {batch} (load {cpu_load()})", file=sys.stderr)
+    return rows
+
+
+def int8_accuracy(epochs: int, threads: int) -> dict[str, Any]:
+    """Train ResNet-20 on digits, then `resunit export --int8` reports accuracy before/after."""
+    from resunit.cli import main
+    from resunit.train import TrainConfig, train
+
+    with tempfile.TemporaryDirectory(prefix="resunit-bench-") as tmp:
+        config = TrainConfig(model="resnet20", data="digits", epochs=epochs, out=tmp,
+                             threads=threads, seed=0)  # fmt: skip
+        summary = train(config, progress=False)
+        checkpoint = Path(summary["run_dir"]) / "last.pt"
+        argv = ["export", "--checkpoint", str(checkpoint), "--onnx", f"{tmp}/m.int8.onnx",
+                "--int8", "--json"]  # fmt: skip
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            code = main(argv)
+        if code != 0:
+            raise SystemExit(f"resunit export --int8 failed with exit code {code}")
+        result = json.loads(buffer.getvalue())
+    result["train_epochs"] = epochs
+    result["train_test_accuracy"] = summary["test_accuracy"]
+    result["command"] = (
+        f"resunit train --model resnet20 --data digits --epochs {epochs} --out RUN && "
+        "resunit export --checkpoint RUN/last.pt --onnx m.int8.onnx --int8"
+    )
+    return result
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model and batch: our best float32 vs ONNX Runtime, and int8 vs our best float32."""
+    out = []
+    for key in dict.fromkeys((r["model"], r["batch"]) for r in rows):
+        group = {r["variant"]: r for r in rows if (r["model"], r["batch"]) == key}
+        ours = [group[v] for v in FLOAT_VARIANTS if v in group]
+        if not ours:
+            continue
+        best = max(ours, key=lambda r: r["images_per_second"])
+        entry = {"model": key[0], "batch": key[1], "best_float32": best["variant"],
+                 "best_float32_images_per_second": best["images_per_second"]}  # fmt: skip
+        if "onnxruntime" in group:
+            entry["best_float32_vs_onnxruntime"] = best["vs_onnxruntime"]
+        if "int8" in group:
+            entry["int8_vs_best_float32"] = (
+                group["int8"]["images_per_second"] / best["images_per_second"]
+            )
+        out.append(entry)
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], peak: float, gemm: float) -> str:
+    lines = []
+    for key in dict.fromkeys((r["model"], tuple(r["input"])) for r in rows):
+        lines.append(f"\n**{key[0]}**, input {'×'.join(map(str, key[1]))}\n")
+        lines.append("| variant | batch | img/s | × eager | × ORT fp32 | GFLOP/s | % peak | "
+                     "% GEMM | max rel. diff |")  # fmt: skip
+        lines.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+        for r in rows:
+            if (r["model"], tuple(r["input"])) != key:
+                continue
+            ort = "-" if r["vs_onnxruntime"] is None else f"{r['vs_onnxruntime']:.2f}"
+            lines.append(
+                f"| {r['variant']} | {r['batch']} | {r['images_per_second']:.1f} | "
+                f"{r['vs_eager']:.2f} | {ort} | {r['gflops']:.0f} | "
+                f"{100 * r['gflops'] / peak:.0f}% | {100 * r['gflops'] / gemm:.0f}% | "
+                f"{r['max_relative_difference']:.1e} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    models = {m: DEFAULT_MODELS.get(m, 224) for m in args.models.split(",") if m}
+    batches = [int(b) for b in args.batches.split(",")]
+    variants = [v for v in args.variants.split(",") if v]
+    started = dt.datetime.now(dt.timezone.utc)
+    machine = describe_machine(args.threads)
+    print(machine.describe(), file=sys.stderr)
+    load_before = cpu_load()
+    gemm = statistics.median(measure_gemm_gflops() for _ in range(3))
+    print(f"measured 4096³ float32 GEMM: {gemm:.0f} GFLOP/s", file=sys.stderr)
+
+    rows: list[dict[str, Any]] = []
+    for name, size in models.items():
+        rows += bench_model(name, size, batches, variants, args)
+    accuracy = None if args.skip_accuracy else int8_accuracy(args.train_epochs, args.threads)
+
+    result = {
+        "date": started.isoformat(timespec="seconds"),
+        "machine": machine.to_dict(),
+        "torch": torch.__version__,
+        "onnxruntime": _version("onnxruntime"),
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "load_average_before": load_before,
+        "load_average_after": cpu_load(),
+        "gemm_gflops": gemm,
+        "results": rows,
+        "summary": summarize(rows),
+        "int8_accuracy": accuracy,
+        "command": "python benchmarks/inference.py " + " ".join(sys.argv[1:]),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = args.out or RESULTS / f"inference-{started:%Y-%m-%d}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"# {started:%Y-%m-%d %H:%M} UTC — {machine.describe()}")
+    print(f"measured GEMM {gemm:.0f} GFLOP/s; load average {load_before} → {cpu_load()}")
+    print(markdown(rows, machine.peak_gflops(), gemm))
+    print()
+    for s in result["summary"]:
+        print(json.dumps(s))
+    if accuracy:
+        print(f"int8 accuracy on digits test ({accuracy['test_images']} images): "
+              f"{accuracy['accuracy_float32']:.2%} → {accuracy['accuracy_int8']:.2%}")  # fmt: skip
+    print(f"wrote {out}")
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+if __name__ == "__main__":
+    main()
