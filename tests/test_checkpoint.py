@@ -21,9 +21,17 @@ from resunit.models import create_model
 
 
 def _config(**extra):
-    return {"model": "resnet20", "num_classes": 10, "in_chans": 1, "model_overrides": {},
-            "mean": [0.3], "std": [0.4], "classes": [str(i) for i in range(10)],
-            "input_size": 8, **extra}  # fmt: skip
+    return {
+        "model": "resnet20",
+        "num_classes": 10,
+        "in_chans": 1,
+        "model_overrides": {},
+        "mean": [0.3],
+        "std": [0.4],
+        "classes": [str(i) for i in range(10)],
+        "input_size": 8,
+        **extra,
+    }
 
 
 def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import replace
@@ -34,9 +35,13 @@ from resunit.train import (
 def test_he2015_recipe_divides_lr_at_32k_and_48k_and_stops_at_64k():
     config = make_config("he2015")
     assert (config.batch_size, config.lr, config.weight_decay, config.momentum) == (
-        128, 0.1, 1e-4, 0.9)  # fmt: skip
-    assert (config.crop_padding, config.flip, config.steps, config.data) == (4, True, 64_000,
-                                                                              "cifar10")  # fmt: skip
+        128,
+        0.1,
+        1e-4,
+        0.9,
+    )
+    assert (config.crop_padding, config.flip, config.steps) == (4, True, 64_000)
+    assert config.data == "cifar10"
     lr = [learning_rate(config, s, 64_000, 352) for s in (0, 31_999, 32_000, 47_999, 48_000)]
     assert lr == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
 
@@ -52,7 +57,7 @@ def test_warmup_cosine_and_onecycle_shapes():
     lrs = [learning_rate(c, s, 100, 10) for s in range(100)]
     assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # linear warm-up
     assert lrs[10] == pytest.approx(1.0) and lrs[-1] < 1e-3
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
     expected_mid = 0.5 * (1 + math.cos(math.pi * 45 / 90))
     assert lrs[55] == pytest.approx(expected_mid)
     o = TrainConfig(lr=1.0, schedule="onecycle")
@@ -90,8 +95,9 @@ def test_shards_are_disjoint_equal_and_reshuffled_every_epoch():
     n, world = 103, 4
     epochs = []
     for epoch in range(2):
-        shards = [shard_indices(n, torch.Generator().manual_seed(epoch), r, world)
-                  for r in range(world)]  # fmt: skip
+        shards = [
+            shard_indices(n, torch.Generator().manual_seed(epoch), r, world) for r in range(world)
+        ]
         flat = torch.cat(shards)
         assert len(set(flat.tolist())) == len(flat) == n - n % world
         assert {len(s) for s in shards} == {n // world}
@@ -136,7 +142,8 @@ def test_training_on_digits_learns_and_writes_the_run_directory(tmp_path):
     summary = train(config, progress=False)
     run = tmp_path / "run"
     assert {"config.json", "metrics.jsonl", "last.pt", "best.pt", "curves.png"} <= {
-        p.name for p in run.iterdir()}  # fmt: skip
+        p.name for p in run.iterdir()
+    }
     metrics = read_metrics(run)
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]

@@ -99,10 +99,14 @@ def plot_residual_ratios(rows: Sequence[dict[str, Any]], path: str | os.PathLike
     index = [r["index"] for r in rows]
     ax_ratio.plot(index, [r["residual_ratio"] for r in rows], marker="o", ms=3)
     ax_std.plot(index, [r["residual_std"] for r in rows], marker="o", ms=3, color="C1")
-    ax_ratio.set(xlabel="unit (forward order)", ylabel="‖F(x)‖ / ‖x‖",
-                 title="Residual ratio: distance from the identity")  # fmt: skip
-    ax_std.set(xlabel="unit (forward order)", ylabel="std of F(x)",
-               title="Residual response spread")  # fmt: skip
+    ax_ratio.set(
+        xlabel="unit (forward order)",
+        ylabel="‖F(x)‖ / ‖x‖",
+        title="Residual ratio: distance from the identity",
+    )
+    ax_std.set(
+        xlabel="unit (forward order)", ylabel="std of F(x)", title="Residual response spread"
+    )
     for ax in (ax_ratio, ax_std):
         _shade_stages(ax, rows)
         ax.grid(alpha=0.3)
@@ -118,8 +122,16 @@ def _shade_stages(ax: Any, rows: Sequence[dict[str, Any]]) -> None:
     for k, (stage, idx) in enumerate(stages.items()):
         if k % 2:
             ax.axvspan(min(idx) - 0.5, max(idx) + 0.5, color="0.92", zorder=0)
-        ax.text((min(idx) + max(idx)) / 2, 0.98, stage, transform=ax.get_xaxis_transform(),
-                ha="center", va="top", fontsize=8, color="0.4")  # fmt: skip
+        ax.text(
+            (min(idx) + max(idx)) / 2,
+            0.98,
+            stage,
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="top",
+            fontsize=8,
+            color="0.4",
+        )
 
 
 def plot_lesion(result: dict[str, Any], path: str | os.PathLike[str], title: str = "") -> Path:
@@ -134,11 +146,19 @@ def plot_lesion(result: dict[str, Any], path: str | os.PathLike[str], title: str
     for r in rows:
         if r["accuracy"] is None:  # a plain unit that changes shape cannot be removed
             ax.text(r["index"], 1, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
-    ax.axhline(100 * result["intact_accuracy"], color="C3", ls="--",
-               label=f"intact {100 * result['intact_accuracy']:.1f}%")  # fmt: skip
+    ax.axhline(
+        100 * result["intact_accuracy"],
+        color="C3",
+        ls="--",
+        label=f"intact {100 * result['intact_accuracy']:.1f}%",
+    )
     _shade_stages(ax, rows)
-    ax.set(xlabel="unit removed (forward order)", ylabel="test accuracy (%)", ylim=(0, 100),
-           title=title or "Lesion study: one unit removed at a time")  # fmt: skip
+    ax.set(
+        xlabel="unit removed (forward order)",
+        ylabel="test accuracy (%)",
+        ylim=(0, 100),
+        title=title or "Lesion study: one unit removed at a time",
+    )
     ax.legend(loc="lower left")
     return _save(fig, path)
 
@@ -150,11 +170,19 @@ def plot_gradient_flow(
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     for k, (label, rows) in enumerate(flows.items()):
-        ax.plot([r["index"] for r in rows], [r["grad_norm"] for r in rows], marker=".",
-                label=label, color=f"C{k}")  # fmt: skip
+        ax.plot(
+            [r["index"] for r in rows],
+            [r["grad_norm"] for r in rows],
+            marker=".",
+            label=label,
+            color=f"C{k}",
+        )
     ax.set_yscale("log")
-    ax.set(xlabel="weight layer (input → output)", ylabel="‖∂loss/∂W‖",
-           title=title or "Gradient flow at initialisation")  # fmt: skip
+    ax.set(
+        xlabel="weight layer (input → output)",
+        ylabel="‖∂loss/∂W‖",
+        title=title or "Gradient flow at initialisation",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     return _save(fig, path)
@@ -168,18 +196,31 @@ def plot_degradation(
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     depths = sorted({int("".join(ch for ch in name if ch.isdigit())) for name in histories})
-    for ax, family, title in ((axes[0], "plain", "Plain networks"),
-                              (axes[1], "resnet", "Residual networks")):  # fmt: skip
+    for ax, family, title in (
+        (axes[0], "plain", "Plain networks"),
+        (axes[1], "resnet", "Residual networks"),
+    ):
         for name, history in histories.items():
             if not name.startswith(family) or not history:
                 continue
             depth = int("".join(ch for ch in name if ch.isdigit()))
             color = f"C{depths.index(depth)}"
             epochs = [h["epoch"] for h in history]
-            ax.plot(epochs, [100 * h["train_error"] for h in history], color=color, ls="--",
-                    lw=1, label=f"{name} train")  # fmt: skip
-            ax.plot(epochs, [100 * h["test_error"] for h in history], color=color, lw=2.2,
-                    label=f"{name} test")  # fmt: skip
+            ax.plot(
+                epochs,
+                [100 * h["train_error"] for h in history],
+                color=color,
+                ls="--",
+                lw=1,
+                label=f"{name} train",
+            )
+            ax.plot(
+                epochs,
+                [100 * h["test_error"] for h in history],
+                color=color,
+                lw=2.2,
+                label=f"{name} test",
+            )
         ax.set(xlabel="epoch", title=title)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -444,6 +444,7 @@ def train(config: TrainConfig, progress: bool = True, resume: str | None = None)
     best_score, best_epoch = -1.0, -1
     data_rng_state = None
     carried: dict[str, float] = {}
+    history: list[dict[str, Any]] = []
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -452,6 +453,7 @@ def train(config: TrainConfig, progress: bool = True, resume: str | None = None)
         best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
         data_rng_state = state["data_rng"] if epoch_step else None
         carried = dict(state.get("epoch_totals") or {})
+        history = [dict(r) for r in state.get("history") or []]
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
@@ -467,7 +469,7 @@ def train(config: TrainConfig, progress: bool = True, resume: str | None = None)
 
     writer = _RunWriter(run_dir, model_config, config, enabled=dist_info.is_main)
     if state is not None:
-        writer.truncate_metrics(start_epoch)
+        writer.rewrite_metrics(history)
     images_all = train_set.images.to(device)
     labels_all = train_set.labels.to(device)
     run_start = time.perf_counter()
@@ -491,6 +493,7 @@ def train(config: TrainConfig, progress: bool = True, resume: str | None = None)
             "best_epoch": best_epoch,
             "epoch_totals": totals,
             "world_size": dist_info.world_size,
+            "history": history,
             "config": model_config,
         }
 
@@ -596,17 +599,22 @@ def train(config: TrainConfig, progress: bool = True, resume: str | None = None)
             if is_best:
                 best_score, best_epoch = score, epoch + 1
             if dist_info.is_main:
+                history.append(record)
+                # Checkpoint first: it carries the metrics history, so a crash before the
+                # metrics line is written loses nothing (resume rewrites metrics.jsonl from it).
                 payload = checkpoint_payload(epoch + 1, 0, rng, {})
-                writer.log(record)
                 save_checkpoint(payload, run_dir / "last.pt")
                 if is_best:
                     save_checkpoint(payload, run_dir / "best.pt")
+                writer.log(record, final=epoch + 1 == epochs)
                 if progress:
                     writer.echo(record, epochs)
             if _stop_requested(interrupt, dist_info) and epoch + 1 < epochs:
                 interrupted = True
                 break
 
+    if interrupted and dist_info.is_main:
+        writer.plot()
     seconds = time.perf_counter() - run_start
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
@@ -692,6 +700,7 @@ class _RunWriter:
         self, run_dir: Path, model_config: dict[str, Any], config: TrainConfig, enabled: bool
     ) -> None:
         self.run_dir, self.enabled, self.tb = run_dir, enabled, None
+        self.last_plot = -math.inf
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -702,19 +711,17 @@ class _RunWriter:
 
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
-    def truncate_metrics(self, epochs_done: int) -> None:
-        """Drop lines of epochs after the checkpoint (a crash can come between the two)."""
-        path = self.run_dir / "metrics.jsonl"
-        if not self.enabled or not path.exists():
+    def rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
+        """On resume: metrics.jsonl becomes exactly the checkpoint's epochs (a crash may have
+        come after a metrics line and before its checkpoint, or the other way round)."""
+        if not self.enabled:
             return
-        keep = [
-            line
-            for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["epoch"] <= epochs_done
-        ]
-        path.write_text("".join(line + "\n" for line in keep))
+        path = self.run_dir / "metrics.jsonl"
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+        os.replace(tmp, path)
 
-    def log(self, record: dict[str, Any]) -> None:
+    def log(self, record: dict[str, Any], final: bool = False) -> None:
         with (self.run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -722,7 +729,9 @@ class _RunWriter:
             for key, value in record.items():
                 if key != "epoch":
                     self.tb.add_scalar(key, value, record["epoch"])
-        self.plot()
+        # Redrawing costs ~0.1 s: at the end, and at most twice a minute along the way.
+        if final or time.monotonic() - self.last_plot > 30:
+            self.plot()
 
     def plot(self) -> None:
         try:
@@ -731,6 +740,7 @@ class _RunWriter:
             return
         with contextlib.suppress(ImportError):
             plot_training_curves(read_metrics(self.run_dir), self.run_dir / "curves.png")
+        self.last_plot = time.monotonic()
 
     def echo(self, record: dict[str, Any], epochs: int) -> None:
         from tqdm import tqdm

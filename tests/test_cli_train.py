@@ -1,0 +1,251 @@
+"""``resunit train / eval / predict / data download`` end to end, including crashes and torchrun.
+
+Runs that must survive a signal run in a subprocess (``python -m resunit``), exactly as users
+run them; the rest call the CLI's ``main`` in-process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resunit.checkpoint import load_model, read_checkpoint
+from resunit.cli import main
+from resunit.train import read_metrics, weights_digest
+
+# Small and quick, but long enough (45 steps per epoch) to be killed in the middle of one.
+QUICK = ["--epochs", "3", "--batch-size", "32", "--threads", "1", "--no-progress"]
+
+
+def resunit(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "resunit", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)  # fmt: skip
+
+
+def digest_of(checkpoint: Path) -> str:
+    model, _ = load_model(checkpoint)
+    return weights_digest(model)
+
+
+def wait_for_epochs(run_dir: Path, count: int, proc: subprocess.Popen, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        # curves.png is drawn right after epoch 1's line: then the next epoch is under way.
+        if len(read_metrics(run_dir)) >= count and (run_dir / "curves.png").exists():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training ended early: {proc.communicate()}")
+        time.sleep(0.02)
+    pytest.fail("training did not progress")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """An uninterrupted 3-epoch run: what every interrupted-and-resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    proc = resunit("train", *QUICK, "--out", str(out))
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "test accuracy" in stdout
+    return out
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, reference_run):
+    out = tmp_path / "run"
+    proc = resunit("train", *QUICK, "--out", str(out))
+    wait_for_epochs(out, 1, proc)
+    time.sleep(0.3)  # well inside epoch 2 (about 1 s long)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_checkpoint(out / "last.pt")["epoch"] >= 1
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    resumed = resunit("train", "--resume", str(out), "--no-progress")
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert digest_of(out / "last.pt") == digest_of(reference_run / "last.pt")
+    # One metrics line per epoch, none duplicated by the replayed epoch.
+    assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
+    assert [m["train_loss"] for m in read_metrics(out)] == [
+        m["train_loss"] for m in read_metrics(reference_run)]  # fmt: skip
+
+
+def test_ctrl_c_saves_a_mid_epoch_checkpoint_that_resumes_exactly(tmp_path, reference_run):
+    out = tmp_path / "run"
+    proc = resunit("train", *QUICK, "--out", str(out))
+    wait_for_epochs(out, 1, proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and f"--resume {out}" in stdout
+    state = read_checkpoint(out / "last.pt")
+    assert state["epoch"] == 1 and 0 < state["epoch_step"] < 45  # stopped inside epoch 2
+    resumed = resunit("train", "--resume", str(out), "--no-progress")
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert digest_of(out / "last.pt") == digest_of(reference_run / "last.pt")
+
+
+def test_eval_prints_accuracy_per_class_and_confusion_matrix(reference_run, capsys, tmp_path):
+    png = tmp_path / "cm.png"
+    assert main(["eval", "--checkpoint", str(reference_run / "best.pt"), "--plot", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "accuracy" in text and "confusion matrix" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["eval", "--checkpoint", str(reference_run / "last.pt"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    matrix = np.array(result["confusion_matrix"])
+    assert matrix.sum() == 360 and matrix.shape == (10, 10)
+    assert result["accuracy"] == pytest.approx(np.trace(matrix) / 360)
+    summary = json.loads((reference_run / "summary.json").read_text())
+    assert result["accuracy"] == pytest.approx(summary["test_accuracy"])
+
+
+def test_predict_reads_images_of_any_size_and_mode(reference_run, tmp_path, capsys):
+    from resunit.data import load_dataset
+
+    test = load_dataset("digits", "test")
+    digit = test.images[0, 0].numpy()
+    big = Image.fromarray(digit).resize((64, 64), Image.NEAREST)
+    big.save(tmp_path / "gray.png")
+    big.convert("P").save(tmp_path / "palette.gif")
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[..., 3] = 255
+    rgba[..., :3] = np.asarray(big.resize((40, 40)))[..., None]
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    files = [str(tmp_path / n) for n in ("gray.png", "palette.gif", "rgba.png")]
+    checkpoint = str(reference_run / "best.pt")
+    assert main(["predict", "--checkpoint", checkpoint, *files, "--top-k", "3", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in results] == files
+    for r in results:
+        assert len(r["classes"]) == 3 and r["probabilities"] == sorted(r["probabilities"])[::-1]
+        assert 0 < sum(r["probabilities"]) <= 1 + 1e-6
+    # The same picture in three modes gets the same answer, the label of the digit.
+    assert {r["classes"][0] for r in results} == {str(int(test.labels[0]))}
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_user_errors_are_one_line_and_exit_code_2(tmp_path, capsys, reference_run):
+    assert main(["train", "--data", "cifar10", "--data-root", str(tmp_path)]) == 2
+    assert "resunit data download cifar10" in _error_line(capsys)
+    assert main(["train", "--lr", "-1"]) == 2
+    assert "lr" in _error_line(capsys)
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "not found" in _error_line(capsys)
+    assert main(["train", "--out", str(reference_run)]) == 2
+    assert "--resume" in _error_line(capsys)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((reference_run / "last.pt").read_bytes()[:5000])
+    assert main(["eval", "--checkpoint", str(truncated)]) == 2
+    assert "truncated or corrupt" in _error_line(capsys)
+    assert main(["predict", "--checkpoint", str(reference_run / "best.pt"), "nope.png"]) == 2
+    assert "nope.png" in _error_line(capsys)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_checkpoints_crafted_or_of_another_architecture_are_refused(
+    tmp_path, capsys, monkeypatch, reference_run
+):
+    monkeypatch.chdir(tmp_path)
+    state = read_checkpoint(reference_run / "last.pt")
+    torch.save({**state, "extra": _Exploit()}, tmp_path / "evil.pt")
+    assert main(["eval", "--checkpoint", "evil.pt"]) == 2
+    assert "refusing to load" in _error_line(capsys)
+    assert not (tmp_path / "pwned").exists()
+    state["config"]["model"] = "resnet32"
+    torch.save(state, tmp_path / "other.pt")
+    assert main(["predict", "--checkpoint", "other.pt", "x.png"]) == 2
+    assert "missing layer1.3." in _error_line(capsys)
+
+
+def test_non_finite_loss_is_one_line_naming_the_step(tmp_path, capsys):
+    args = ["train", *QUICK, "--epochs", "2", "--lr", "0.05", "--gamma", "1e12",
+            "--milestones", "0.5", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(args) == 2
+    line = _error_line(capsys)
+    assert "at step" in line and "last good checkpoint" in line
+
+
+def test_data_download_from_a_local_archive(tmp_path, capsys):
+    folder = tmp_path / "src" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), b"labels": [0, 1]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a", b"b"]}))
+    archive = tmp_path / "cifar.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    args = ["data", "download", "cifar10", "--root", str(tmp_path / "data"), "--no-progress",
+            "--url", archive.as_uri(), "--md5", md5]  # fmt: skip
+    assert main(args) == 0 and "now in" in capsys.readouterr().out
+    assert main(args) == 0 and "already in" in capsys.readouterr().out
+    bad = [*args[:-1], "f" * 32]
+    assert main([*bad[:4], str(tmp_path / "other"), *bad[5:]]) == 2
+    assert "MD5" in _error_line(capsys)
+    assert not (tmp_path / "other").exists() or not any((tmp_path / "other").iterdir())
+
+
+DDP_SCRIPT = """
+import json, os, sys
+import torch
+from resunit.train import _epoch_seed, make_config, shard_indices, train
+out = sys.argv[1]
+config = make_config(epochs=2, batch_size=32, threads=1, out=out)
+summary = train(config, progress=False)
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+shards = [shard_indices(1437, torch.Generator().manual_seed(_epoch_seed(0, e)), rank, world)
+          .tolist() for e in range(2)]
+with open(f"{out}.rank{rank}.json", "w") as f:
+    json.dump({"summary": summary, "shards": shards}, f)
+"""
+
+
+def test_torchrun_two_cpu_processes_train_one_model(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"run.rank{r}.json").read_text()) for r in range(2)]
+    # Each rank saw a disjoint half of the data, reshuffled every epoch.
+    for epoch in range(2):
+        a, b = (set(r["shards"][epoch]) for r in ranks)
+        assert not a & b and len(a) == len(b) == 718
+    assert ranks[0]["shards"][0] != ranks[0]["shards"][1]
+    # Identical weights on both ranks, and they are the ones rank 0 saved.
+    digests = {r["summary"]["weights_sha256"] for r in ranks}
+    assert digests == {digest_of(out / "last.pt")}
+    # One set of outputs: rank 0 alone wrote the run directory.
+    assert [m["epoch"] for m in read_metrics(out)] == [1, 2]
+    assert read_checkpoint(out / "last.pt")["world_size"] == 2
+    assert ranks[0]["summary"]["test_accuracy"] > 0.5
