@@ -179,6 +179,13 @@ def test_compiled_model_matches_the_original():
     fast = optimize(model, channels_last=True, compile=True)
     with torch.no_grad():
         assert relative_difference(fast(x), model(x)) <= 1e-5
+    # Freezing really happened: every conv became a oneDNN conv with its ReLU/addition fused
+    # in (torch.compile's options={"freezing": True} alone silently does not do this).
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    _, code = run_and_get_code(fast, x)
+    assert "\n".join(code).count("convolution_pointwise") >= 19
 
 
 @pytest.mark.parametrize(
@@ -290,3 +297,15 @@ def test_int8_model_is_quantized_and_close_to_float(tmp_path):
 def test_quantize_needs_calibration_batches():
     with pytest.raises(ConfigError, match="calibration"):
         deploy.quantize(_model("resnet20"), [])
+
+
+@pytest.mark.skipif(not deploy.pt2e_available(), reason="needs torchao (the [int8] extra)")
+def test_pt2e_int8_model_is_close_to_float_for_any_batch():
+    model = _model("resnet20", in_chans=1)
+    g = torch.Generator().manual_seed(3)
+    # Calibration batches of different sizes: the captured graph keeps the batch dynamic.
+    batches = [torch.randn(n, 1, 8, 8, generator=g) for n in (16, 8)]
+    int8 = deploy.quantize_pt2e(model, batches)
+    x = torch.randn(3, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        assert relative_difference(int8(x), model(x)) <= 0.1

@@ -153,16 +153,34 @@ class InferenceModel(nn.Module):
     NCHW tensors; the convolutions then never have to reorder their inputs.
     """
 
-    def __init__(self, model: nn.Module, channels_last: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        channels_last: bool,
+        inductor_config: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.channels_last = channels_last
+        self.inductor_config = dict(inductor_config or {})
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
+        # A compiled model compiles on its first call for each input shape, so the inductor
+        # settings must be in force during calls: torch.compile(options={"freezing": True})
+        # is silently ignored in torch 2.13 (the generated code keeps plain convolutions).
+        settings = _inductor_patch(self.inductor_config)
+        with torch.no_grad(), settings:
             return self.model(x)
+
+
+def _inductor_patch(config: dict[str, Any]) -> contextlib.AbstractContextManager[Any]:
+    if not config:
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(config)
 
 
 # Inductor options for CPU inference. ``freezing`` turns the weights into constants so that
@@ -193,15 +211,15 @@ def optimize(
         folded = folded.to(memory_format=torch.channels_last)
     if compile:
         # dynamic=False: one specialised graph per batch size, as a deployment uses.
-        folded = torch.compile(folded, dynamic=False, options=dict(COMPILE_OPTIONS))
-    return InferenceModel(folded, channels_last).eval()
+        folded = torch.compile(folded, dynamic=False)
+    return InferenceModel(folded, channels_last, COMPILE_OPTIONS if compile else None).eval()
 
 
 def compile_works() -> tuple[bool, str]:
     """Whether ``torch.compile`` can build CPU kernels here (needs a C++ compiler), and why not."""
     try:
-        fn = torch.compile(lambda x: torch.relu(x) + 1, options=dict(COMPILE_OPTIONS))
-        with torch.no_grad():
+        fn = torch.compile(lambda x: torch.relu(x) + 1)
+        with torch.no_grad(), _inductor_patch(COMPILE_OPTIONS):
             fn(torch.randn(4))
     except Exception as exc:  # inductor fails with many types when no toolchain exists
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -463,6 +481,60 @@ def quantize(
     return OnnxRuntimeModel(out, threads)
 
 
+class _FunctionalReLU(nn.Module):
+    """``F.relu`` as a module. The units call one shared ``self.relu`` two or three times;
+    PT2E's X86 quantizer groups the calls of one module into a single pattern and then
+    refuses it ("more than one output node"); functional calls are matched one by one."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x)
+
+
+def pt2e_available() -> bool:
+    """True when ``torchao`` (PyTorch's PT2E quantization, moved out of ``torch``) imports."""
+    try:
+        import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
+    except Exception:  # ImportError, or a torchao built for another torch
+        return False
+    return True
+
+
+def quantize_pt2e(model: nn.Module, calibration_batches: Iterable[Tensor]) -> nn.Module:
+    """Post-training static int8 quantization in PyTorch itself (PT2E, X86 Inductor quantizer).
+
+    The model is captured with ``torch.export`` (batch size left dynamic), observed on the
+    calibration batches, converted to quantize/dequantize + float ops, and compiled with
+    freezing so that inductor lowers each pattern to a oneDNN int8 convolution (VNNI/AMX).
+    Needs ``torchao``; the first call compiles (tens of seconds for ResNet-50).
+    """
+    try:
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except Exception:
+        raise DeployError("PT2E int8 needs torchao: pip install 'resunit[int8]'") from None
+    batches = [b.detach().to(torch.float32) for b in calibration_batches]
+    if not batches:
+        raise ConfigError("int8 quantization needs at least one calibration batch")
+    float_model = copy.deepcopy(model).eval()
+    for module in list(float_model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(module, name, _FunctionalReLU())
+    batch_dim = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        graph = torch.export.export(
+            float_model, (batches[0],), dynamic_shapes=({0: batch_dim},)
+        ).module()
+        quantizer = x86.X86InductorQuantizer()
+        quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(graph, quantizer)
+        for batch in batches:
+            prepared(batch)
+        converted = convert_pt2e(prepared)
+    compiled = torch.compile(converted, dynamic=False)
+    return InferenceModel(compiled, channels_last=False, inductor_config={"freezing": True})
+
+
 _SCRATCH: list[Any] = []
 
 
@@ -489,7 +561,7 @@ class Variant:
     input_layout: str = "nchw"
 
 
-VARIANTS = ("eager", "folded", "folded_cl", "compiled", "onnxruntime", "int8")
+VARIANTS = ("eager", "folded", "folded_cl", "compiled", "onnxruntime", "int8", "int8_pt2e")
 VARIANT_DESCRIPTIONS = {
     "eager": "PyTorch eager, NCHW float32, BatchNorm not folded",
     "folded": "BatchNorm folded into the convs, NCHW",
@@ -497,6 +569,7 @@ VARIANT_DESCRIPTIONS = {
     "compiled": "folded + channels_last + torch.compile (freezing: fused conv+ReLU/add)",
     "onnxruntime": "ONNX Runtime float32 on the exported folded graph",
     "int8": "ONNX Runtime int8 (static, per-channel, QDQ)",
+    "int8_pt2e": "PyTorch int8: PT2E X86 Inductor quantizer + torch.compile (torchao)",
 }
 
 
@@ -552,6 +625,13 @@ def build_variants(
             else:
                 path = _scratch_dir() / f"bench-{id(eager)}.int8.onnx"
                 add(name, quantize(eager, calibration_batches, path, threads=threads))
+        elif name == "int8_pt2e":
+            if not pt2e_available():
+                skipped[name] = "torchao is not installed"
+            elif calibration_batches is None:
+                skipped[name] = "no calibration batches given"
+            else:
+                add(name, quantize_pt2e(eager, calibration_batches))
     return variants, skipped
 
 
