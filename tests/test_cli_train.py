@@ -32,8 +32,14 @@ QUICK = ["--epochs", "3", "--batch-size", "32", "--threads", "1", "--no-progress
 
 def resunit(*args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "resunit", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "resunit", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def digest_of(checkpoint: Path) -> str:
@@ -80,7 +86,8 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, reference_
     # One metrics line per epoch, none duplicated by the replayed epoch.
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
     assert [m["train_loss"] for m in read_metrics(out)] == [
-        m["train_loss"] for m in read_metrics(reference_run)]  # fmt: skip
+        m["train_loss"] for m in read_metrics(reference_run)
+    ]
 
 
 def test_ctrl_c_saves_a_mid_epoch_checkpoint_that_resumes_exactly(tmp_path, reference_run):
@@ -183,8 +190,20 @@ def test_checkpoints_crafted_or_of_another_architecture_are_refused(
 
 
 def test_non_finite_loss_is_one_line_naming_the_step(tmp_path, capsys):
-    args = ["train", *QUICK, "--epochs", "2", "--lr", "0.05", "--gamma", "1e12",
-            "--milestones", "0.5", "--out", str(tmp_path / "run")]  # fmt: skip
+    args = [
+        "train",
+        *QUICK,
+        "--epochs",
+        "2",
+        "--lr",
+        "0.05",
+        "--gamma",
+        "1e12",
+        "--milestones",
+        "0.5",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     assert main(args) == 2
     line = _error_line(capsys)
     assert "at step" in line and "last good checkpoint" in line
@@ -202,8 +221,18 @@ def test_data_download_from_a_local_archive(tmp_path, capsys):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(folder, arcname="cifar-10-batches-py")
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    args = ["data", "download", "cifar10", "--root", str(tmp_path / "data"), "--no-progress",
-            "--url", archive.as_uri(), "--md5", md5]  # fmt: skip
+    args = [
+        "data",
+        "download",
+        "cifar10",
+        "--root",
+        str(tmp_path / "data"),
+        "--no-progress",
+        "--url",
+        archive.as_uri(),
+        "--md5",
+        md5,
+    ]
     assert main(args) == 0 and "now in" in capsys.readouterr().out
     assert main(args) == 0 and "already in" in capsys.readouterr().out
     bad = [*args[:-1], "f" * 32]
@@ -231,8 +260,15 @@ def test_torchrun_two_cpu_processes_train_one_model(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(script), str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

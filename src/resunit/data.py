@@ -128,7 +128,10 @@ def load_dataset(
     if split == "val" and val_fraction <= 0:
         raise DatasetError(f"{name} has no validation split: set val_fraction > 0 to carve one")
     loader = _LOADERS[name]
-    base = loader("test" if split == "test" else "train", root, **options)
+    try:
+        base = loader("test" if split == "test" else "train", root, **options)
+    except TypeError as exc:  # an option this dataset does not take
+        raise DatasetError(f"{name}: unsupported option ({exc})") from None
     if split == "test" or val_fraction <= 0:
         return base
     train_idx, val_idx = stratified_split(base.labels, val_fraction, val_seed)

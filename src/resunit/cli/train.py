@@ -8,7 +8,7 @@ from typing import Any
 
 from resunit.cli.common import add_json_flag, format_table, print_json
 from resunit.data import DATASETS, DOWNLOADS, download_dataset, load_dataset
-from resunit.errors import DatasetError
+from resunit.errors import ConfigError, DatasetError
 from resunit.train import RECIPES, SCHEDULES, TrainConfig, make_config
 
 
@@ -72,6 +72,14 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         help="carve this fraction of train as validation (picks best.pt)",
     )
     g.add_argument("--input-size", type=int, help="resize images to N×N before the model")
+    g.add_argument(
+        "--data-option",
+        action="append",
+        metavar="KEY=VALUE",
+        dest="data_options",
+        help="dataset option, repeatable: image_size=32 and on_error=skip|fail "
+        "(imagefolder); num_samples, image_size, num_classes (synthetic)",
+    )
     g = p.add_argument_group("speed and reproducibility")
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
@@ -133,6 +141,7 @@ def run_train(args: argparse.Namespace) -> int:
         )
     else:
         options = {name: getattr(args, name) for name in _TRAIN_OPTIONS}
+        options["data_options"] = _parse_data_options(args.data_options)
         config = make_config(args.recipe, **options)
         summary = train(config, progress=not args.no_progress and not args.json)
     if summary.get("is_main", True) is False:
@@ -147,6 +156,18 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         _print_summary(summary)
     return 130 if summary["interrupted"] else 0
+
+
+def _parse_data_options(items: list[str] | None) -> dict[str, Any] | None:
+    if not items:
+        return None
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--data-option takes KEY=VALUE, got {item!r}")
+        options[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value
+    return options
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -196,7 +217,11 @@ def run_eval(args: argparse.Namespace) -> int:
     model, config = load_model(args.checkpoint)
     data = args.data or config.get("data", "digits")
     root = args.data_root or config.get("data_root")
-    dataset = load_dataset(data, args.split, root)
+    options = dict(config.get("data_options") or {}) if data == config.get("data") else {}
+    if data == "imagefolder":  # images of the size the model was trained on
+        options.setdefault("image_size", config["image_size"][0])
+        options.setdefault("channels", config["in_chans"])
+    dataset = load_dataset(data, args.split, root, **options)
     if dataset.num_classes != config["num_classes"] or dataset.in_chans != config["in_chans"]:
         raise DatasetError(
             f"{data} has {dataset.num_classes} classes × {dataset.in_chans} channels but the "

@@ -1,0 +1,218 @@
+"""Training throughput of resnet20 on CIFAR-size synthetic data (batch 128, CPU): three loops.
+
+(a) ours: ``resunit.train.train`` — batched uint8 augmentation (4-pixel pad + random crop +
+    flip), normalisation, channels_last, lr schedule, metrics — images/s of its epochs;
+(b) reference: the tutorial loop — a ``Dataset`` whose ``__getitem__`` pads, crops, flips and
+    normalises one image at a time in Python, batched by a ``DataLoader`` (num_workers=0:
+    worker processes only compete for the same two cores), NCHW memory format;
+(c) bare step: forward + backward + SGD on one fixed, already normalised batch, channels_last.
+
+The three are interleaved for ``--rounds`` rounds and the median of each is reported, so a
+neighbour's load affects them alike. Targets: (a) ≥ 0.9 × (c) and (a) ≥ 1.3 × (b). The output
+also splits (a)'s time per step into its parts (data preparation vs the step itself).
+
+    python benchmarks/train_throughput.py [--threads 2] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from resunit.data import augment, load_dataset
+from resunit.models import create_model
+from resunit.train import make_config, make_optimizer, prepare_batch, read_metrics, train
+
+BATCH = 128
+STEPS = 6  # timed steps per measurement, after warm-up
+
+
+def _dataset(steps: int):
+    options = dict(num_samples=BATCH * steps, image_size=32, channels=3, num_classes=10)
+    return load_dataset("synthetic", "train", **options), options
+
+
+def ours(steps: int) -> float:
+    """images/s of our training loop (epoch time, which includes augmentation and logging)."""
+    _, options = _dataset(steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = make_config(
+            model="resnet20",
+            data="synthetic",
+            data_options=options,
+            epochs=2,
+            batch_size=BATCH,
+            crop_padding=4,
+            flip=True,
+            channels_last=True,
+            threads=torch.get_num_threads(),
+            out=f"{tmp}/run",
+        )
+        train(config, progress=False)
+        return read_metrics(f"{tmp}/run")[-1]["images_per_second"]  # epoch 1 is warm-up
+
+
+class TutorialDataset(torch.utils.data.Dataset):
+    """Per-image transforms in Python, as torchvision's RandomCrop(32, 4) + flip + Normalize."""
+
+    def __init__(self, dataset):
+        self.images = dataset.images.permute(0, 2, 3, 1).numpy()  # HWC, like PIL images
+        self.labels = dataset.labels.tolist()
+        self.mean = np.array(dataset.mean, dtype=np.float32)
+        self.std = np.array(dataset.std, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        image = np.pad(self.images[i], ((4, 4), (4, 4), (0, 0)))
+        top, left = random.randint(0, 8), random.randint(0, 8)
+        image = image[top : top + 32, left : left + 32]
+        if random.random() < 0.5:
+            image = image[:, ::-1]
+        x = (image.astype(np.float32) / 255 - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))), self.labels[i]
+
+
+def reference(steps: int) -> float:
+    dataset, _ = _dataset(steps)
+    loader = torch.utils.data.DataLoader(
+        TutorialDataset(dataset), batch_size=BATCH, shuffle=True, drop_last=True
+    )
+    model = create_model("resnet20", num_classes=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    for _epoch in range(2):  # the first epoch warms up
+        start = time.perf_counter()
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss.item()
+        seconds = time.perf_counter() - start
+    return len(loader) * BATCH / seconds
+
+
+def bare_step(steps: int) -> float:
+    dataset, _ = _dataset(1)
+    model = create_model("resnet20", num_classes=10).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x = prepare_batch(dataset.images, dataset.mean, dataset.std, channels_last=True)
+    y = dataset.labels
+    for i in range(steps + 2):
+        if i == 2:
+            start = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return steps * BATCH / (time.perf_counter() - start)
+
+
+def breakdown(steps: int) -> dict[str, float]:
+    """Milliseconds per step of our loop's parts, timed one at a time."""
+    dataset, _ = _dataset(steps)
+    model = create_model("resnet20", num_classes=10).to(memory_format=torch.channels_last)
+    config = make_config(data="synthetic", weight_decay=5e-4)
+    optimizer = make_optimizer(model, config)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(dataset), generator=g)
+    parts = {
+        "index + augment (uint8)": 0.0,
+        "normalise + channels_last": 0.0,
+        "forward + loss": 0.0,
+        "backward": 0.0,
+        "optimiser step": 0.0,
+        "metrics (loss.item, argmax)": 0.0,
+    }
+    for step in range(steps):
+        idx = order[step * BATCH : (step + 1) * BATCH]
+        t0 = time.perf_counter()
+        images = augment(dataset.images[idx], g, crop_padding=4, flip=True)
+        t1 = time.perf_counter()
+        x = prepare_batch(images, dataset.mean, dataset.std, channels_last=True)
+        t2 = time.perf_counter()
+        logits = model(x)
+        loss = F.cross_entropy(logits, dataset.labels[idx])
+        t3 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t4 = time.perf_counter()
+        optimizer.step()
+        t5 = time.perf_counter()
+        loss.item()
+        (logits.argmax(1) == dataset.labels[idx]).sum().item()
+        t6 = time.perf_counter()
+        if step:  # the first step warms up
+            for key, (a, b) in zip(
+                parts, [(t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5), (t5, t6)], strict=True
+            ):
+                parts[key] += (b - a) * 1000 / (steps - 1)
+    return parts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--out", default="benchmarks/results/train_throughput.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    random.seed(0)
+    runs: dict[str, list[float]] = {"ours": [], "reference": [], "bare": []}
+    for r in range(args.rounds):
+        for name, fn in (("ours", ours), ("reference", reference), ("bare", bare_step)):
+            runs[name].append(fn(args.steps))
+        print(
+            f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()), flush=True
+        )
+    median = {k: statistics.median(v) for k, v in runs.items()}
+    parts = breakdown(args.steps)
+    step_ms = sum(parts.values())
+    print(
+        f"\nresnet20, CIFAR-size synthetic data, batch {BATCH}, {args.threads} threads, "
+        f"median of {args.rounds} rounds\n"
+    )
+    rows = [
+        ("(a) ours: full loop with augmentation", median["ours"]),
+        ("(b) reference: per-image transforms + DataLoader", median["reference"]),
+        ("(c) bare step: fwd+bwd+SGD, fixed batch, channels_last", median["bare"]),
+    ]
+    for label, value in rows:
+        print(f"  {label:<56} {value:8.1f} img/s")
+    ratio_c, ratio_b = median["ours"] / median["bare"], median["ours"] / median["reference"]
+    print(
+        f"\n  (a)/(c) = {ratio_c:.2f}  (target ≥ 0.90)    (a)/(b) = {ratio_b:.2f}  (target ≥ 1.30)"
+    )
+    print(f"\nwhere a step of (a) goes ({step_ms:.1f} ms, timed part by part):")
+    for key, ms in parts.items():
+        print(f"  {key:<32} {ms:8.2f} ms  {ms / step_ms:6.1%}")
+    result = {
+        "threads": args.threads,
+        "batch_size": BATCH,
+        "rounds": runs,
+        "median": median,
+        "ours_over_bare": ratio_c,
+        "ours_over_reference": ratio_b,
+        "step_breakdown_ms": parts,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
