@@ -80,10 +80,10 @@ class TrainConfig:
 # Named presets. Explicit options win over a recipe; a recipe wins over the defaults above.
 RECIPES: dict[str, dict[str, Any]] = {
     # The default data: real 8×8 digits. Small translations only — flipping a digit changes
-    # its meaning, and label smoothing / cutout cost accuracy on 8×8 images.
+    # its meaning. No label smoothing or cutout: they are not needed to reach 99%+ here.
     "fast": dict(
         model="resnet20",
-        epochs=30,
+        epochs=40,  # 30 epochs: 99.26% mean of 3 seeds; 40: 99.54% (both ≈ 30 s here)
         batch_size=64,
         lr=0.1,
         weight_decay=5e-4,
