@@ -164,6 +164,12 @@ class InferenceModel(nn.Module):
         self.channels_last = channels_last
         self.inductor_config = dict(inductor_config or {})
 
+    def train(self, mode: bool = True) -> InferenceModel:
+        # Inference only: the wrapped model stays in eval mode, and exported graphs (PT2E)
+        # refuse train()/eval() altogether, so evaluation loops calling .eval() must not reach it.
+        self.training = mode
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
