@@ -203,3 +203,75 @@ def test_run_directory_is_never_overwritten(tmp_path):
     train(_quick(tmp_path, epochs=1, steps=2), progress=False)
     with pytest.raises(ConfigError, match="--resume"):
         train(_quick(tmp_path, epochs=1, steps=2), progress=False)
+
+
+def test_he2015_recipe_runs_on_cifar_files_with_a_validation_split(tmp_path):
+    from test_data import _write_cifar10_python
+
+    _write_cifar10_python(tmp_path / "cifar-10-batches-py", per_batch=8)
+    config = make_config(
+        "he2015",
+        data_root=str(tmp_path),
+        steps=3,
+        batch_size=8,
+        threads=1,
+        out=str(tmp_path / "run"),
+    )
+    summary = train(config, progress=False)
+    assert summary["steps"] == 3 and summary["best_val_accuracy"] is not None
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["mean"] == [0.4914, 0.4822, 0.4465] and saved["val_fraction"] == 0.1
+    assert saved["classes"][0] == "airplane" and saved["in_chans"] == 3
+
+
+def test_imagefolder_run_evaluates_and_predicts_at_its_training_size(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from resunit.cli import main
+
+    rng = np.random.default_rng(0)
+    # Shapes, not brightness (batch norm would remove a pure brightness difference).
+    for split in ("train", "test"):
+        for cls in ("horizontal", "vertical"):
+            folder = tmp_path / "images" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(6):
+                pixels = rng.integers(0, 60, (20, 14, 3))
+                if cls == "horizontal":
+                    pixels[::4] += 180
+                else:
+                    pixels[:, ::4] += 180
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    root = str(tmp_path / "images")
+    args = [
+        "train",
+        "--data",
+        "imagefolder",
+        "--data-root",
+        root,
+        "--data-option",
+        "image_size=12",
+        "--epochs",
+        "10",
+        "--batch-size",
+        "6",
+        "--threads",
+        "1",
+        "--out",
+        str(run),
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run / "last.pt"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["count"] == 12 and result["classes"] == ["horizontal", "vertical"]
+    assert result["accuracy"] == 1.0, result
+    big = tmp_path / "big.png"  # a larger grayscale picture of vertical stripes
+    stripes = np.zeros((60, 42), np.uint8)
+    stripes[:, ::12] = stripes[:, 1::12] = stripes[:, 2::12] = 230
+    Image.fromarray(stripes, "L").save(big)
+    assert main(["predict", "--checkpoint", str(run / "last.pt"), str(big), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["classes"][0] == "vertical"

@@ -145,9 +145,12 @@ def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor
     if not 0 < fraction < 1:
         raise DatasetError(f"validation fraction must be in (0, 1), got {fraction}")
     index = np.arange(len(labels))
-    kept, held = train_test_split(
-        index, test_size=fraction, stratify=labels.numpy(), random_state=seed
-    )
+    try:
+        kept, held = train_test_split(
+            index, test_size=fraction, stratify=labels.numpy(), random_state=seed
+        )
+    except ValueError:  # too few images to hold out one of every class: plain random split
+        kept, held = train_test_split(index, test_size=fraction, random_state=seed)
     return torch.from_numpy(np.sort(kept)), torch.from_numpy(np.sort(held))
 
 

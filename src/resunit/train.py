@@ -371,6 +371,10 @@ def load_data(config: TrainConfig) -> tuple[ImageDataset, ImageDataset | None, I
         else None
     )
     test_set = load_dataset(config.data, "test", config.data_root, **config.data_options)
+    # One normalisation for all splits: the training images' statistics, as at deployment.
+    for other in (val_set, test_set):
+        if other is not None:
+            other.mean, other.std = train_set.mean, train_set.std
     return train_set, val_set, test_set
 
 
