@@ -22,8 +22,9 @@ from resunit.experiments import (
 from resunit.train import evaluate
 
 
-def _row(family: str, depth: int, train_error: float) -> dict:
-    return {"family": family, "depth": depth, "final_train_error": train_error}
+def _row(family: str, depth: int, train_error: float, test_error: float = 0.5) -> dict:
+    return {"family": family, "depth": depth, "final_train_error": train_error,
+            "final_test_error": test_error}  # fmt: skip
 
 
 def test_verdict_reports_degradation_when_the_numbers_show_it():
@@ -33,6 +34,8 @@ def test_verdict_reports_degradation_when_the_numbers_show_it():
     assert verdict.startswith("Degradation reproduced")
     assert "plain20 2.00% → plain56 8.00%" in verdict
     assert "resnet20 1.50% → resnet56 1.00%" in verdict
+    assert verdict.endswith("At depth 56 the residual net ends at 1.00% training error and "
+                            "50.00% test error, the plain one at 8.00% and 50.00%.")  # fmt: skip
 
 
 def test_verdict_says_when_there_is_no_degradation():

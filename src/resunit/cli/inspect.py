@@ -269,6 +269,9 @@ def _register_experiment(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", help="training recipe (default: the data's own, fast for digits)")
     p.add_argument("--epochs", type=int, help="epochs for every network (default: the recipe's)")
     p.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
+    p.add_argument(
+        "--warmup-epochs", type=float, default=2.0, help="linear warm-up epochs (default 2)"
+    )
     p.add_argument("--batch-size", type=int, help="batch size (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0, help="seed of every network (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
@@ -288,6 +291,7 @@ def run_experiment(args: argparse.Namespace) -> int:
         data_root=args.data_root,
         recipe=args.recipe,
         epochs=args.epochs,
+        warmup_epochs=args.warmup_epochs,
         seed=args.seed,
         device=args.device,
         out=args.out,
