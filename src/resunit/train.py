@@ -616,7 +616,8 @@ def train(config: TrainConfig, progress: bool = True, resume: str | None = None)
                     save_checkpoint(payload, run_dir / "best.pt")
                 writer.log(record, final=epoch + 1 == epochs)
                 if progress:
-                    writer.echo(record, epochs)
+                    per_epoch = (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
+                    writer.echo(record, epochs, per_epoch * (epochs - epoch - 1))
             if _stop_requested(interrupt, dist_info) and epoch + 1 < epochs:
                 interrupted = True
                 break
@@ -750,7 +751,7 @@ class _RunWriter:
             plot_training_curves(read_metrics(self.run_dir), self.run_dir / "curves.png")
         self.last_plot = time.monotonic()
 
-    def echo(self, record: dict[str, Any], epochs: int) -> None:
+    def echo(self, record: dict[str, Any], epochs: int, eta_seconds: float) -> None:
         from tqdm import tqdm
 
         text = (
@@ -760,6 +761,8 @@ class _RunWriter:
         )
         if "val_accuracy" in record:
             text += f"  val acc {record['val_accuracy']:.2%}"
+        if record["epoch"] < epochs:
+            text += f"  ETA {int(eta_seconds) // 60}:{int(eta_seconds) % 60:02d}"
         tqdm.write(text)
 
     def finish(self, summary: dict[str, Any]) -> None:

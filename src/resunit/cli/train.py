@@ -31,16 +31,14 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         "8×8 handwritten digits with the `fast` recipe (nothing to download). Each option "
         "left out comes from the recipe (default: `fast` for digits, `he2015` for CIFAR), then "
         "from the built-in defaults. Under torchrun, trains with DistributedDataParallel.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=None,
     )
     g = p.add_argument_group("what to train")
     g.add_argument(
         "--model",
         help=f"registered model name (`resunit models`; built-in default {defaults.model})",
     )
-    g.add_argument("--data", choices=DATASETS, help="dataset (default digits)")
-    g.add_argument("--data-root", help="directory holding the dataset (CIFAR, imagefolder)")
+    g.add_argument("--data", choices=DATASETS, help="dataset (default: digits)")
+    g.add_argument("--data-root", help="directory holding the dataset (CIFAR: default data/)")
     g.add_argument("--recipe", choices=sorted(RECIPES), help="named preset of hyper-parameters")
     g.add_argument("--out", help="run directory (default runs/DATA-MODEL-TIMESTAMP)")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from last.pt")
@@ -97,7 +95,30 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar or epoch lines")
     add_json_flag(p)
+    for action in p._actions:
+        if action.dest in _TRAIN_OPTIONS and action.dest not in _OWN_DEFAULT_TEXT:
+            action.help += _default_text(action.dest)
     p.set_defaults(handler=run_train)
+
+
+_OWN_DEFAULT_TEXT = {"model", "data", "data_root", "out"}
+
+
+def _default_text(name: str) -> str:
+    """Where an option's value comes from when it is not given: recipe, else built-in."""
+
+    def show(value: Any) -> str:
+        text = "off" if value in (None, False) else "on" if value is True else str(value)
+        return text.replace("%", "%%")  # argparse formats help strings with %
+
+    builtin = getattr(TrainConfig(), name)
+    fast = RECIPES["fast"].get(name, builtin)
+    paper = RECIPES["he2015"].get(name, builtin)
+    if fast == paper == builtin:
+        return f" (default: {show(builtin)})"
+    return (
+        f" (default: {show(fast)} on digits, {show(paper)} with he2015/CIFAR, else {show(builtin)})"
+    )
 
 
 _TRAIN_OPTIONS = [
