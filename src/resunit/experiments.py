@@ -328,25 +328,28 @@ def degradation_verdict(rows: Sequence[dict[str, Any]]) -> str:
     plain, p_a, p_b = compare("plain")
     residual, r_a, r_b = compare("residual")
     numbers = (
-        f"final training error plain{shallow} {p_a:.2%} → plain{deep} {p_b:.2%}; "
-        f"resnet{shallow} {r_a:.2%} → resnet{deep} {r_b:.2%}"
+        f"Final training error: plain{shallow} {p_a:.2%} → plain{deep} {p_b:.2%}; "
+        f"resnet{shallow} {r_a:.2%} → resnet{deep} {r_b:.2%}."
     )
+    as_well = {"better": "better than", "about the same": "about as well as", "worse": "worse than"}
     if plain == "worse" and residual != "worse":
         head = (
-            f"Degradation reproduced: the deeper plain net trains worse than the shallower one, "
-            f"while the deeper residual net does not ({residual})."
+            f"Degradation reproduced: plain{deep} trains worse than plain{shallow}, while "
+            f"resnet{deep} does not (it trains {as_well[residual]} resnet{shallow})."
         )
     elif plain == "worse":
-        head = "Both deeper nets train worse than their shallower versions on this run."
-    elif residual == "worse":
-        head = "Not reproduced: the deeper residual net trains worse here, the plain one does not."
-    else:
         head = (
-            f"No degradation on this run: the deeper plain net trains {plain} as the shallower "
-            "one (try more depth or fewer epochs to see it)."
-            if plain == "about the same"
-            else "No degradation on this run: the deeper plain net trains better than the "
-            "shallower one."
+            "Both deeper nets train worse than their shallower versions on this run: the "
+            "residual net does not escape degradation here."
+        )
+    elif residual == "worse":
+        head = (
+            f"Not reproduced: resnet{deep} trains worse than resnet{shallow} here, while "
+            f"plain{deep} trains {as_well[plain]} plain{shallow}."
+        )
+    else:
+        head = f"No degradation on this run: plain{deep} trains {as_well[plain]} plain{shallow}" + (
+            " (more depth or fewer epochs may show it)." if plain == "about the same" else "."
         )
     plain_deep, residual_deep = by[("plain", deep)], by[("residual", deep)]
     depth_note = (
@@ -356,7 +359,7 @@ def degradation_verdict(rows: Sequence[dict[str, Any]]) -> str:
         if "final_test_error" in plain_deep and "final_test_error" in residual_deep
         else ""
     )
-    return f"{head} ({numbers}).{depth_note}"
+    return f"{head} {numbers}{depth_note}"
 
 
 __all__ = [
