@@ -159,7 +159,7 @@ def plot_lesion(result: dict[str, Any], path: str | os.PathLike[str], title: str
         ylim=(0, 100),
         title=title or "Lesion study: one unit removed at a time",
     )
-    ax.legend(loc="lower left")
+    ax.legend(loc="best", framealpha=0.9)
     return _save(fig, path)
 
 
