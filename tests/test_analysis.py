@@ -112,6 +112,19 @@ def test_block_walk_of_the_56_to_28_example():
     assert walk["total_parameters"] == sum(s["params"] for s in walk["steps"])
 
 
+@pytest.mark.parametrize(
+    ("block", "in_channels", "out_channels", "stride"),
+    [("preact_basic", 64, 128, 2), ("bottleneck", 256, 512, 2), ("preact_bottleneck", 64, 256, 1)],
+)
+def test_block_walk_counts_every_parameter_once(block, in_channels, out_channels, stride):
+    with torch.device("meta"):
+        unit = make_unit(in_channels, out_channels, stride, block)
+    walk = inspect_unit(unit, 28)
+    assert sum(s["params"] for s in walk["steps"]) == walk["total_parameters"]
+    assert sum(s["macs"] for s in walk["steps"]) == walk["total_macs"]
+    assert walk["output_shape"] == [out_channels, 28 // stride, 28 // stride]
+
+
 def test_block_walk_rejects_impossible_units():
     with pytest.raises(ConfigError, match="multiple of 4"):
         make_unit(64, 130, block="bottleneck")

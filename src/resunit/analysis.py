@@ -195,14 +195,20 @@ def inspect_unit(unit: ResidualUnit, size: int) -> dict[str, Any]:
     def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         if list(module.children()):  # only leaves are layers (a Sequential is not)
             return
+        summary = _module_summary(module)
+        if unit.preactivation and isinstance(module, nn.BatchNorm2d):
+            summary += " + ReLU"  # pre-activation units apply ReLU functionally after each BN
+        # A pre-activation projection reads the residual branch's BN–ReLU output: walked
+        # twice, its parameters count once.
+        shared = any(step["_call"][0] is module for step in steps)
         steps.append(
             {
                 "branch": branch[0],
                 "layer": names[module],
-                "module": _module_summary(module),
+                "module": summary + (" (shared with the residual branch)" if shared else ""),
                 "input_shape": list(inputs[0].shape[1:]),
                 "output_shape": list(output.shape[1:]),
-                "params": _params(module),
+                "params": 0 if shared else _params(module),
                 "_call": (module, inputs[0].clone()),
             }
         )
