@@ -587,26 +587,24 @@ def analyze_checkpoint(
 
 
 def _plot_analysis(result: dict[str, Any], out: Path) -> dict[str, str]:
-    try:
-        from resunit import plots
-    except ImportError:  # matplotlib is optional ([plot] extra)
-        return {}
+    from resunit import plots
+
     name = result["model"]
     flow = result["gradient_flow"]
-    return {
-        "residual_ratios": str(
-            plots.plot_residual_ratios(result["residual_ratios"], out / "residual_ratios.png")
-        ),
-        "lesion": str(
-            plots.plot_lesion(result["lesion"], out / "lesion.png", f"Lesion study: {name}")
-        ),
-        "gradient_flow": str(
-            plots.plot_gradient_flow(
+    try:
+        paths = {
+            "residual_ratios": plots.plot_residual_ratios(
+                result["residual_ratios"], out / "residual_ratios.png"
+            ),
+            "lesion": plots.plot_lesion(result["lesion"], out / "lesion.png", f"Lesion: {name}"),
+            "gradient_flow": plots.plot_gradient_flow(
                 {flow["labels"][v]: flow[v] for v in ("residual", "plain")},
                 out / "gradient_flow.png",
-            )
-        ),
-    }  # fmt: skip
+            ),
+        }
+    except ImportError:  # matplotlib is optional ([plot] extra): the numbers are still written
+        return {}
+    return {key: str(path) for key, path in paths.items()}
 
 
 __all__ = [
