@@ -88,6 +88,9 @@ def test_export_with_a_malformed_input_shape_is_exit_2(checkpoint, tmp_path, cap
     argv = ["export", "--checkpoint", str(checkpoint), "--onnx", str(tmp_path / "m.onnx")]
     assert main([*argv, "--input", "8x8"]) == 2
     assert "C×H×W" in capsys.readouterr().err
+    # A well-formed shape with the wrong channel count: also one line, not a traceback.
+    assert main([*argv, "--input", "3x8x8"]) == 2
+    assert "1-channel" in capsys.readouterr().err
 
 
 def test_bench_prints_every_variant_with_ratios(capsys):

@@ -275,6 +275,16 @@ def parse_input_shape(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def check_input_channels(model: nn.Module, input_shape: Sequence[int]) -> None:
+    """A clear error when ``input_shape`` has another channel count than the model takes."""
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is not None and input_shape[0] != first_conv.in_channels:
+        raise ConfigError(
+            f"the model takes {first_conv.in_channels}-channel images but the input shape "
+            f"{'×'.join(map(str, input_shape))} has {input_shape[0]}: fix --input"
+        )
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -291,6 +301,7 @@ def export_onnx(
     (:func:`verify_onnx`). ``dynamic_batch`` leaves the batch dimension symbolic.
     """
     _require_onnx()
+    check_input_channels(model, input_shape)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     export_model = fold_batchnorm(model) if fold else copy.deepcopy(model).eval()
@@ -428,12 +439,16 @@ def quantize(
     path: str | os.PathLike[str] | None = None,
     *,
     threads: int | None = None,
+    method: str = "percentile",
 ) -> OnnxRuntimeModel:
     """Post-training static int8 quantization for x86 CPUs, calibrated on ``calibration_batches``.
 
     The BN-folded model is exported to ONNX and quantized by ONNX Runtime's static quantizer:
-    int8 weights per output channel, uint8 activations, ranges from the min/max seen on the
-    calibration batches (use real, normalised inputs: random ones give useless ranges).
+    int8 weights per output channel, uint8 activations whose ranges come from the calibration
+    batches (use real, normalised inputs: random ones give useless ranges). ``method``:
+    ``percentile`` (default: the 99.999th percentile of each activation, which ignores the rare
+    outliers that would waste the 256 levels; on ResNet-20/digits it lost no test image where
+    ``minmax`` lost two), ``minmax`` or ``entropy``.
     Quantize/dequantize pairs (QDQ) around each conv are fused by ONNX Runtime into int8
     kernels that use AVX-512 VNNI. We chose ONNX Runtime over PyTorch's PT2E flow by
     measurement (BENCHMARKS.md), and because PT2E has moved out of ``torch`` into ``torchao``.
@@ -451,10 +466,23 @@ def quantize(
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
+    if method not in methods:
+        raise ConfigError(f"unknown calibration method {method!r}: choose {', '.join(methods)}")
     batches = [b.detach().to(torch.float32).contiguous() for b in calibration_batches]
     if not batches:
         raise ConfigError("int8 quantization needs at least one calibration batch")
     input_shape = tuple(batches[0].shape[1:])
+    if method != "minmax" and len({len(b) for b in batches}) > 1:
+        # The histogram calibrators stack per-batch outputs and need equal batch sizes; a
+        # short last batch is dropped (its images are a small fraction of the calibration set).
+        size = len(batches[0])
+        chunks = list(torch.cat(batches).split(size))
+        batches = chunks[:-1] if len(chunks) > 1 and len(chunks[-1]) < size else chunks
     out = Path(path) if path is not None else _scratch_dir() / "model.int8.onnx"
     work = out.parent / f".{out.stem}.tmp"
     work.mkdir(parents=True, exist_ok=True)
@@ -479,7 +507,7 @@ def quantize(
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
+        calibrate_method=methods[method],
     )
     for leftover in work.iterdir():
         leftover.unlink()

@@ -46,6 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"int8: calibrate on N batches of {CALIBRATION_BATCH_SIZE} training images "
         f"(default {DEFAULT_CALIBRATION_BATCHES})",
     )
+    export.add_argument(
+        "--calibration",
+        choices=("percentile", "minmax", "entropy"),
+        default="percentile",
+        help="int8: how activation ranges are chosen (default percentile: 99.999%%)",
+    )
     add_json_flag(export)
     export.set_defaults(handler=run_export)
 
@@ -104,7 +110,11 @@ def run_export(args: argparse.Namespace) -> int:
         check = deploy.verify_onnx(out, model, input_shape, batch_sizes=batch_sizes)
         result.update(_check_summary(out, check))
     else:
-        result.update(_export_int8(model, config, input_shape, out, args.calibration_batches))
+        result.update(
+            _export_int8(
+                model, config, input_shape, out, args.calibration_batches, args.calibration
+            )
+        )
     if args.json:
         print_json(result)
         return 0
@@ -141,6 +151,7 @@ def _export_int8(
     input_shape: tuple[int, int, int],
     out: Path,
     calibration_batches: int,
+    method: str,
 ) -> dict[str, Any]:
     from resunit import deploy
     from resunit.data import load_dataset
@@ -165,7 +176,7 @@ def _export_int8(
             model, Path(tmp) / "float.onnx", input_shape, dynamic_batch=True
         )
         check = deploy.verify_onnx(float_path, model, input_shape, batch_sizes=(1, 3))
-    int8_model = deploy.quantize(model, batches, out)
+    int8_model = deploy.quantize(model, batches, out, method=method)
     before = evaluate(model, test_set, input_size=input_size, device="cpu")
     after = evaluate(int8_model, test_set, input_size=input_size, device="cpu")
     summary = _check_summary(out, check)
@@ -174,6 +185,7 @@ def _export_int8(
             "format": "int8 (static, per-channel, QDQ)",
             "dataset": test_set.name,
             "calibration_images": count,
+            "calibration_method": method,
             "test_images": before["count"],
             "accuracy_float32": before["accuracy"],
             "accuracy_int8": after["accuracy"],
