@@ -8,8 +8,9 @@
     processes would only compete for the same two cores), default NCHW memory format;
 (c) bare step: forward + backward + SGD on one fixed, already normalised batch, channels_last.
 
-The three are interleaved for ``--rounds`` rounds and the median of each is reported, so a
-neighbour's load affects them alike. Targets: (a) ≥ 0.9 × (c) and (a) ≥ 1.3 × (b). The output
+The loops are interleaved for ``--rounds`` rounds; each gives ``TIMED`` epochs of images/s,
+and the median and the best of all of them are reported (the best is the one least disturbed
+by other jobs on a shared machine). Targets: (a) ≥ 0.9 × (c) and (a) ≥ 1.3 × (b). The output
 also splits (a)'s time per step into its parts (data preparation vs the step itself).
 
     python benchmarks/train_throughput.py [--threads 2] [--rounds 3]
@@ -36,7 +37,8 @@ from resunit.models import create_model
 from resunit.train import make_config, make_optimizer, prepare_batch, read_metrics, train
 
 BATCH = 128
-STEPS = 6  # timed steps per measurement, after warm-up
+STEPS = 6  # steps per epoch (per timed chunk for the bare step)
+TIMED = 2  # timed epochs per loop and round, after one warm-up epoch
 
 
 def _dataset(steps: int):
@@ -44,15 +46,15 @@ def _dataset(steps: int):
     return load_dataset("synthetic", "train", **options), options
 
 
-def ours(steps: int, bf16: bool = False) -> float:
-    """images/s of our training loop (epoch time, which includes augmentation and logging)."""
+def ours(steps: int, bf16: bool = False) -> list[float]:
+    """images/s of our loop's timed epochs (their time includes augmentation and metrics)."""
     _, options = _dataset(steps)
     with tempfile.TemporaryDirectory() as tmp:
         config = make_config(
             model="resnet20",
             data="synthetic",
             data_options=options,
-            epochs=2,
+            epochs=1 + TIMED,
             batch_size=BATCH,
             crop_padding=4,
             flip=True,
@@ -62,7 +64,7 @@ def ours(steps: int, bf16: bool = False) -> float:
             out=f"{tmp}/run",
         )
         train(config, progress=False)
-        return read_metrics(f"{tmp}/run")[-1]["images_per_second"]  # epoch 1 is warm-up
+        return [m["images_per_second"] for m in read_metrics(f"{tmp}/run")[1:]]  # 1: warm-up
 
 
 class TutorialDataset(torch.utils.data.Dataset):
@@ -89,7 +91,7 @@ class TutorialDataset(torch.utils.data.Dataset):
         return (x - self.mean) / self.std, self.labels[i]
 
 
-def reference(steps: int) -> float:
+def reference(steps: int) -> list[float]:
     dataset, _ = _dataset(steps)
     loader = torch.utils.data.DataLoader(
         TutorialDataset(dataset), batch_size=BATCH, shuffle=True, drop_last=True
@@ -97,7 +99,8 @@ def reference(steps: int) -> float:
     model = create_model("resnet20", num_classes=10)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     model.train()
-    for _epoch in range(2):  # the first epoch warms up
+    samples = []
+    for epoch in range(1 + TIMED):  # the first epoch warms up
         start = time.perf_counter()
         for x, y in loader:
             loss = F.cross_entropy(model(x), y)
@@ -105,24 +108,28 @@ def reference(steps: int) -> float:
             loss.backward()
             optimizer.step()
             loss.item()
-        seconds = time.perf_counter() - start
-    return len(loader) * BATCH / seconds
+        if epoch:
+            samples.append(len(loader) * BATCH / (time.perf_counter() - start))
+    return samples
 
 
-def bare_step(steps: int) -> float:
+def bare_step(steps: int) -> list[float]:
     dataset, _ = _dataset(1)
     model = create_model("resnet20", num_classes=10).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     x = prepare_batch(dataset.images, dataset.mean, dataset.std, channels_last=True)
     y = dataset.labels
-    for i in range(steps + 2):
-        if i == 2:
-            start = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return steps * BATCH / (time.perf_counter() - start)
+    samples = []
+    for chunk in range(1 + TIMED):  # chunks of `steps` steps, like the others' epochs
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        if chunk:
+            samples.append(steps * BATCH / (time.perf_counter() - start))
+    return samples
 
 
 def breakdown(steps: int) -> dict[str, float]:
@@ -185,16 +192,17 @@ def main() -> int:
     ]
     for r in range(args.rounds):
         for name, fn in loops:
-            runs[name].append(fn(args.steps))
+            runs[name] += fn(args.steps)
         print(
             f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()), flush=True
         )
     median = {k: statistics.median(v) for k, v in runs.items()}
-    parts = breakdown(args.steps)
+    best = {k: max(v) for k, v in runs.items()}
+    parts = breakdown(max(args.steps, 3))
     step_ms = sum(parts.values())
     print(
         f"\nresnet20, CIFAR-size synthetic data, batch {BATCH}, {args.threads} threads, "
-        f"median of {args.rounds} rounds\n"
+        f"{args.rounds} rounds × {TIMED} timed epochs each: median and best\n"
     )
     rows = [
         ("(a) ours: full loop with augmentation", median["ours"]),
@@ -202,11 +210,14 @@ def main() -> int:
         ("(c) bare step: fwd+bwd+SGD, fixed batch, channels_last", median["bare"]),
         ("(a') ours with --bf16 (autocast; not part of the targets)", median["ours_bf16"]),
     ]
-    for label, value in rows:
-        print(f"  {label:<58} {value:8.1f} img/s")
+    print(f"  {'':<58} {'median':>8} {'best':>8}  img/s")
+    for (label, value), key in zip(rows, ["ours", "reference", "bare", "ours_bf16"], strict=True):
+        print(f"  {label:<58} {value:8.1f} {best[key]:8.1f}")
     ratio_c, ratio_b = median["ours"] / median["bare"], median["ours"] / median["reference"]
+    best_c, best_b = best["ours"] / best["bare"], best["ours"] / best["reference"]
     print(
-        f"\n  (a)/(c) = {ratio_c:.2f}  (target ≥ 0.90)    (a)/(b) = {ratio_b:.2f}  (target ≥ 1.30)"
+        f"\n  (a)/(c) = {ratio_c:.2f} median, {best_c:.2f} best  (target ≥ 0.90)"
+        f"\n  (a)/(b) = {ratio_b:.2f} median, {best_b:.2f} best  (target ≥ 1.30)"
     )
     print(f"\nwhere a step of (a) goes ({step_ms:.1f} ms, timed part by part):")
     for key, ms in parts.items():
@@ -216,8 +227,11 @@ def main() -> int:
         "batch_size": BATCH,
         "rounds": runs,
         "median": median,
+        "best": best,
         "ours_over_bare": ratio_c,
         "ours_over_reference": ratio_b,
+        "ours_over_bare_best": best_c,
+        "ours_over_reference_best": best_b,
         "step_breakdown_ms": parts,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
