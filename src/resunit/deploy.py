@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import itertools
 import math
 import os
@@ -499,16 +500,18 @@ def quantize(
             batch = next(self._it, None)
             return None if batch is None else {ONNX_INPUT_NAME: batch.numpy()}
 
-    quantize_static(
-        str(prepared),
-        str(out),
-        _Batches(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=methods[method],
-    )
+    # The histogram calibrators print progress to stdout, which would corrupt `--json` output.
+    with contextlib.redirect_stdout(io.StringIO()):
+        quantize_static(
+            str(prepared),
+            str(out),
+            _Batches(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[method],
+        )
     for leftover in work.iterdir():
         leftover.unlink()
     work.rmdir()
