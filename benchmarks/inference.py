@@ -114,10 +114,11 @@ def bench_model(
 def int8_accuracy(epochs: int, threads: int) -> dict[str, Any]:
     """Train ResNet-20 on digits, then `resunit export --int8` reports accuracy before/after."""
     from resunit.cli import main
-    from resunit.train import TrainConfig, train
+    from resunit.train import make_config, train
 
     with tempfile.TemporaryDirectory(prefix="resunit-bench-") as tmp:
-        config = TrainConfig(model="resnet20", data="digits", epochs=epochs, out=tmp,
+        # The digits recipe, exactly what `resunit train --data digits` runs.
+        config = make_config(model="resnet20", data="digits", epochs=epochs, out=tmp,
                              threads=threads, seed=0)  # fmt: skip
         summary = train(config, progress=False)
         checkpoint = Path(summary["run_dir"]) / "last.pt"
