@@ -73,6 +73,7 @@ def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_a_plain_pickle_file_is_refused_without_running_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pkl"

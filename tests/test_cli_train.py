@@ -159,6 +159,8 @@ def test_user_errors_are_one_line_and_exit_code_2(tmp_path, capsys, reference_ru
     assert "lr" in _error_line(capsys)
     assert main(["train", "--resume", str(tmp_path)]) == 2
     assert "not found" in _error_line(capsys)
+    assert main(["train", "--resume", str(reference_run), "--lr", "0.5"]) == 2
+    assert "drop --lr" in _error_line(capsys)
     assert main(["train", "--out", str(reference_run)]) == 2
     assert "--resume" in _error_line(capsys)
     truncated = tmp_path / "truncated.pt"

@@ -157,6 +157,14 @@ def run_train(args: argparse.Namespace) -> int:
     from resunit.train import train
 
     if args.resume:
+        given = [name for name in _TRAIN_OPTIONS if getattr(args, name) is not None]
+        if given or args.recipe:
+            options = ", ".join(
+                "--" + n.replace("_", "-") for n in given + ["recipe"] * bool(args.recipe)
+            )
+            raise ConfigError(
+                f"--resume continues with the run's own settings (its config.json); drop {options}"
+            )
         summary = train(
             TrainConfig(), progress=not args.no_progress and not args.json, resume=args.resume
         )
