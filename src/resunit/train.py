@@ -18,7 +18,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -807,12 +806,6 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def iterate_batches(dataset: ImageDataset, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """(images, labels) in order, for callers that evaluate their own way."""
-    for start in range(0, len(dataset), batch_size):
-        yield dataset.images[start : start + batch_size], dataset.labels[start : start + batch_size]
 
 
 __all__ = [
