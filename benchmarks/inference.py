@@ -67,6 +67,10 @@ def bench_model(
     macs = deploy.count_multiply_adds(model, shape)
     rows = []
     for batch in batches:
+        # Forget earlier compiled models: Dynamo keeps every compiled ResNet.forward in one
+        # per-code-object cache and checks the guards of all of them on each call, which in
+        # our first run slowed compiled ResNet-20 at batch 1 (the last one built) about 2×.
+        torch._dynamo.reset()
         # Calibration only sets int8 ranges; speed does not depend on the values.
         g = torch.Generator().manual_seed(1)
         calibration = [torch.randn(8, *shape, generator=g) for _ in range(4)]
