@@ -16,20 +16,24 @@ Writes benchmarks/results/inference-<date>.json and prints Markdown tables for B
 from __future__ import annotations
 
 import os
+import sys
 
-# Must be set before torch (and its OpenMP runtime) loads. On a machine shared with other jobs,
-# OpenMP threads that busy-wait at the barrier ending every layer hold a core while their
-# partner thread is descheduled: we measured compiled ResNet-20 at batch 32 ~8× slower with the
-# default policy than with PASSIVE (threads sleep at once) on 2 busy cores. ONNX Runtime's own
-# thread pool is not affected. The policy applies to every PyTorch variant alike.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# `--busy`: the machine is shared with other jobs. Must take effect before torch (and its
+# OpenMP runtime) loads. OpenMP threads that busy-wait at the barrier ending every layer hold a
+# core while their partner thread is descheduled: on 2 busy cores we measured compiled
+# ResNet-20 at batch 32 ~8× slower with the default policy than with PASSIVE (threads sleep at
+# once). On an idle virtual machine PASSIVE is the wrong choice: waking a sleeping vCPU for
+# every layer made compiled ResNet-20 at batch 1 2.3× slower (324 vs 731 img/s). ONNX
+# Runtime's own thread pool is not affected either way; the policy applies to every PyTorch
+# variant alike.
+if "--busy" in sys.argv:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import contextlib
 import datetime as dt
 import io
 import json
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -54,6 +58,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(deploy.VARIANTS))
     parser.add_argument("--train-epochs", type=int, default=30, help="digits model for int8")
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument(
+        "--busy", action="store_true", help="other jobs share the CPU: OMP_WAIT_POLICY=PASSIVE"
+    )
     parser.add_argument("--out", type=Path, help="JSON path (default results/inference-DATE)")
     return parser.parse_args()
 
@@ -67,9 +74,8 @@ def bench_model(
     macs = deploy.count_multiply_adds(model, shape)
     rows = []
     for batch in batches:
-        # Forget earlier compiled models: Dynamo keeps every compiled ResNet.forward in one
-        # per-code-object cache and checks the guards of all of them on each call, which in
-        # our first run slowed compiled ResNet-20 at batch 1 (the last one built) about 2×.
+        # Forget earlier compiled models so that each measurement starts from a clean Dynamo
+        # cache, as a process serving one model would.
         torch._dynamo.reset()
         # Calibration only sets int8 ranges; speed does not depend on the values.
         g = torch.Generator().manual_seed(1)
