@@ -61,9 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Measure inference throughput of one model in several forms in the same "
         "process, interleaved, and print each as a ratio to plain eager PyTorch and to ONNX "
         "Runtime. Random weights and inputs: speed does not depend on them. On a machine "
-        "shared with other jobs, run it as `OMP_WAIT_POLICY=PASSIVE resunit bench …`: by "
+        "busy with other jobs, run it as `OMP_WAIT_POLICY=PASSIVE resunit bench …`: by "
         "default PyTorch's OpenMP threads busy-wait for each other at every layer and can be "
-        "several times slower there (ONNX Runtime's thread pool is not affected).",
+        "several times slower there (ONNX Runtime's thread pool is not affected); on an idle "
+        "machine leave the default, which is faster.",
     )
     bench.add_argument("model", help="a registered model name (see `resunit models`)")
     bench.add_argument("--batch", default="1,32", help="comma-separated batch sizes (default 1,32)")
