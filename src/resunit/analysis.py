@@ -56,7 +56,7 @@ def parse_input_shape(text: str) -> tuple[int, int, int]:
     except ValueError:
         shape = ()
     if len(shape) != 3 or min(shape) < 1:
-        raise ConfigError(f"--input must look like 3x224x224 (channels×height×width), got {text!r}")
+        raise ConfigError(f"--input must look like 3x224x224 (C×H×W, positive sizes), got {text!r}")
     return shape  # type: ignore[return-value]
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from resunit.analysis import parse_input_shape as parse_input_shape  # one --input parser
 from resunit.blocks import (
     BasicBlock,
     Bottleneck,
@@ -260,20 +261,6 @@ def onnx_available() -> bool:
     except DeployError:
         return False
     return True
-
-
-def parse_input_shape(text: str) -> tuple[int, int, int]:
-    """``"3x224x224"`` (or ``3×224×224``, ``3,224,224``) → ``(3, 224, 224)``."""
-    parts = text.lower().replace("×", "x").replace(",", "x").split("x")
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise ConfigError(
-            f"input shape must be C×H×W with positive sizes, e.g. 3x224x224; got {text!r}"
-        )
-    return shape  # type: ignore[return-value]
 
 
 def check_input_channels(model: nn.Module, input_shape: Sequence[int]) -> None:
