@@ -31,6 +31,7 @@ from resunit.errors import CheckpointError, ConfigError
 from resunit.models import create_model, list_models
 from resunit.train import (
     TrainConfig,
+    checkpoint_config,
     evaluate,
     learning_rate,
     make_config,
@@ -174,18 +175,7 @@ def train_network(
     steps_per_epoch = max(1, len(train_set) // recipe.batch_size)
     total_steps = recipe.steps or recipe.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
-    model_config = {
-        **recipe.to_dict(),
-        "model": name,
-        "num_classes": train_set.num_classes,
-        "in_chans": train_set.in_chans,
-        "input_size": input_size,
-        "image_size": list(train_set.image_size),
-        "dataset": train_set.name,
-        "classes": list(train_set.classes),
-        "mean": list(train_set.mean),
-        "std": list(train_set.std),
-    }
+    model_config = {**checkpoint_config(recipe, train_set, input_size), "model": name}
 
     history: list[dict[str, Any]] = []
     checkpoint = run_dir / "last.pt"

@@ -377,6 +377,24 @@ def load_data(config: TrainConfig) -> tuple[ImageDataset, ImageDataset | None, I
     return train_set, val_set, test_set
 
 
+def checkpoint_config(
+    config: TrainConfig, train_set: ImageDataset, input_size: int
+) -> dict[str, Any]:
+    """The configuration a checkpoint carries: the recipe plus what ``load_model`` needs to
+    rebuild the model and feed it (classes, channels, input size, normalisation)."""
+    return {
+        **config.to_dict(),
+        "num_classes": train_set.num_classes,
+        "in_chans": train_set.in_chans,
+        "input_size": input_size,
+        "image_size": list(train_set.image_size),
+        "dataset": train_set.name,
+        "classes": list(train_set.classes),
+        "mean": list(train_set.mean),
+        "std": list(train_set.std),
+    }
+
+
 def train(config: TrainConfig, progress: bool = True, resume: str | None = None) -> dict[str, Any]:
     """Train ``config`` (or continue the run in directory ``resume``) and return a summary.
 
@@ -426,15 +444,7 @@ def train(config: TrainConfig, progress: bool = True, resume: str | None = None)
     )
     input_size = config.input_size or train_set.image_size[0]
     model_config = {
-        **config.to_dict(),
-        "num_classes": train_set.num_classes,
-        "in_chans": train_set.in_chans,
-        "input_size": input_size,
-        "image_size": list(train_set.image_size),
-        "dataset": train_set.name,
-        "classes": list(train_set.classes),
-        "mean": list(train_set.mean),
-        "std": list(train_set.std),
+        **checkpoint_config(config, train_set, input_size),
         "world_size": dist_info.world_size,
     }
     model.to(device)
