@@ -1,6 +1,10 @@
 """The inference path computes the same function as the trained model, only faster."""
 
 import copy
+import json
+import resource
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -225,8 +229,110 @@ def test_measurement_interleaves_variants_and_rotates_the_order():
     calls: list[str] = []
     runners = {name: (lambda name=name: calls.append(name)) for name in "abc"}
     timings = measure_interleaved(runners, batch=4, repeats=3, warmup=1)
-    assert calls == list("abcbcacababc")
+    # Blocks of 2 calls (the first untimed), rotating which variant starts the round.
+    assert "".join(calls) == "".join(c * 2 for c in "abcbcacababc")
     assert all(len(t.seconds) == 3 and t.batch == 4 for t in timings.values())
+
+
+def test_measurement_times_only_the_warm_calls_of_each_block(monkeypatch):
+    # A variant whose first call of every block is slow (cold caches) and the rest fast: the
+    # sample is the mean of the warm calls only.
+    clock = [0.0]
+    monkeypatch.setattr(deploy.time, "perf_counter", lambda: clock[0])
+    state = {"calls": 0}
+
+    def run() -> None:
+        state["calls"] += 1
+        clock[0] += 1.0 if state["calls"] % 4 == 1 else 0.01
+
+    timings = measure_interleaved({"a": run}, batch=1, repeats=2, warmup=0, block=4)
+    assert timings["a"].seconds == pytest.approx([0.01, 0.01])
+
+
+def test_measurement_pauses_after_a_spinning_variant(monkeypatch):
+    sleeps: list[float] = []
+    monkeypatch.setattr(deploy.time, "sleep", sleeps.append)
+    runners = {"a": lambda: None, "spin": lambda: None}
+    measure_interleaved(runners, batch=1, repeats=2, warmup=1, spinning=["spin"])
+    assert len(sleeps) == 3 and min(sleeps) > 0  # once per round, after the spinning block
+
+
+def test_compare_variants_reports_each_output_difference():
+    model = _model("resnet20")
+    x = _input("resnet20")
+    variants, _ = deploy.build_variants(model, (3, 32, 32), ["eager", "folded"])
+    with torch.no_grad():
+        reference = model(x)
+    timings, differences = deploy.compare_variants(variants, x, reference, repeats=1)
+    assert set(timings) == set(differences) == {"eager", "folded"}
+    assert differences["eager"] == 0.0 and 0 < differences["folded"] <= 1e-5
+
+
+_FAULTS_PER_ALLOCATION = """
+import json, resource, sys, torch
+from resunit import deploy
+retained = sys.argv[1] == "retain" and deploy.retain_freed_memory()
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(64 * 2**20 // 4)  # 64 MiB: glibc maps it afresh every time by default
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps({"retained": retained, "faults": [faults() for _ in range(6)]}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["default", "retain"])
+def test_retain_freed_memory_stops_page_faults_on_reuse(mode):
+    # In a fresh process, as a server calls it at start-up (the heap of this test process has
+    # been shaped by every test before it).
+    out = subprocess.run(
+        [sys.executable, "-c", _FAULTS_PER_ALLOCATION, mode],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    result = json.loads(out.stdout)
+    steady = result["faults"][2:]  # glibc settles the heap's size in the first two rounds
+    pages = 64 * 2**20 // resource.getpagesize()
+    if mode == "default":
+        assert min(steady) > pages // 2  # every round faults the whole block in again
+    elif not result["retained"]:
+        pytest.skip("not glibc")
+    else:
+        assert max(steady) < 100
+
+
+def test_unknown_compiler_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown compiler"):
+        optimize(_model("resnet20"), compile="tvm")
+
+
+needs_onednn_graph = pytest.mark.skipif(
+    not deploy.onednn_graph_works()[0],
+    reason=f"oneDNN Graph unavailable: {deploy.onednn_graph_works()[1]}",
+)
+
+
+@needs_onednn_graph
+@pytest.mark.parametrize(
+    "name", ["resnet20", "resnet18", "resnext50_32x4d", "preact_resnet164", "wrn_16_4"]
+)
+def test_onednn_graph_matches_the_original(name):
+    model = _model(name)
+    x = _input(name)
+    fast = optimize(model, channels_last=False, compile="onednn_graph")
+    with torch.no_grad():
+        expected = model(x)
+        assert relative_difference(fast(x), expected) <= 1e-5  # first call: already fused
+        assert relative_difference(fast(x), expected) <= 1e-5
+        # Another batch size takes the same traced graph.
+        assert relative_difference(fast(x[:1]), model(x[:1])) <= 1e-5
+
+
+@needs_onednn_graph
+def test_onednn_graph_fuses_the_convolutions():
+    fast = optimize(_model("resnet20"), channels_last=False, compile="onednn_graph")
+    fast(_input("resnet20"))
+    graph = str(torch.jit.last_executed_optimized_graph())
+    assert graph.count("prim::oneDNNFusionGroup") >= 10
+    assert not torch._C._jit_llga_enabled()  # the process-wide switch is restored
 
 
 def test_unknown_variant_is_a_config_error():

@@ -200,27 +200,100 @@ def _inductor_patch(config: dict[str, Any]) -> contextlib.AbstractContextManager
 COMPILE_OPTIONS: dict[str, Any] = {"freezing": True, "cpp_wrapper": True}
 
 
+COMPILERS = ("inductor", "onednn_graph")
+
+
 def optimize(
     model: nn.Module,
     channels_last: bool = True,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> InferenceModel:
     """The fastest float32 inference version of ``model`` on the current device.
 
     Always folds BatchNorm into the convolutions (see :func:`fold_batchnorm`). With
     ``channels_last`` the weights and every input are NHWC, the layout oneDNN's direct
-    convolutions use, which saves a reorder around every conv. With ``compile`` the model goes
-    through ``torch.compile`` with weight freezing, which fuses each ReLU and each residual
-    addition into the convolution before it; the compilation happens on the first call.
+    convolutions use, which saves a reorder around every conv. ``compile`` picks a graph
+    compiler that fuses each ReLU and each residual addition into the convolution before it:
+
+    - ``True`` or ``"inductor"``: ``torch.compile`` with weight freezing; the fastest here at
+      batch 32 (it compiles on the first call for each batch size, which takes seconds).
+    - ``"onednn_graph"``: a frozen TorchScript trace run with oneDNN Graph fusion; far less
+      framework overhead per layer, so the fastest at batch 1 (see :class:`OneDnnGraphModel`).
+
     The original model is not modified; outputs match its eval-mode outputs to ~1e-6.
     """
+    compiler = _compiler(compile)
     folded = fold_batchnorm(model)
     if channels_last:
         folded = folded.to(memory_format=torch.channels_last)
-    if compile:
+    if compiler == "onednn_graph":
+        return OneDnnGraphModel(folded, channels_last).eval()
+    if compiler == "inductor":
         # dynamic=False: one specialised graph per batch size, as a deployment uses.
         folded = torch.compile(folded, dynamic=False)
-    return InferenceModel(folded, channels_last, COMPILE_OPTIONS if compile else None).eval()
+    return InferenceModel(folded, channels_last, COMPILE_OPTIONS if compiler else None).eval()
+
+
+def _compiler(compile: bool | str) -> str | None:
+    if compile is True:
+        return "inductor"
+    if compile is False or compile is None:
+        return None
+    if compile not in COMPILERS:
+        raise ConfigError(f"unknown compiler {compile!r}: choose from {', '.join(COMPILERS)}")
+    return str(compile)
+
+
+class OneDnnGraphModel(InferenceModel):
+    """A folded model traced to TorchScript, frozen, and run with oneDNN Graph fusion.
+
+    oneDNN Graph ("LLGA") takes the whole traced graph, groups conv + bias + residual add +
+    ReLU into compiled partitions and keeps tensors in oneDNN's blocked layouts between them.
+    Each partition is then one cached call, whereas every convolution that inductor emits goes
+    through PyTorch's generic oneDNN wrapper, which builds its primitive descriptor again on
+    every call (~30 µs): at batch 1 that overhead is most of a ResNet-20's time.
+
+    The trace happens on the first call (shapes then come from the real input) and is warmed
+    up before that call returns, so the first result already comes from the fused graph.
+    PyTorch has deprecated TorchScript; :func:`onednn_graph_works` says whether this still
+    works in the installed version.
+    """
+
+    def __init__(self, model: nn.Module, channels_last: bool) -> None:
+        super().__init__(model, channels_last)
+        self.scripted: torch.jit.ScriptModule | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), _onednn_fusion():
+            if self.scripted is None:
+                self.scripted = _trace_and_freeze(self.model, x)
+                # The profiling executor fuses after its profiled runs: do them now.
+                for _ in range(torch._C._jit_get_num_profiled_runs() + 1):
+                    self.scripted(x)
+            return self.scripted(x)
+
+
+@contextlib.contextmanager
+def _onednn_fusion() -> Iterator[None]:
+    # A process-wide switch: on only while our graph runs, so other TorchScript code is unaffected.
+    # (torch.jit.fuser("fuser3") does the same but warns about nvfuser on every call.)
+    enabled = torch._C._jit_llga_enabled()
+    torch.jit.enable_onednn_fusion(True)
+    try:
+        yield
+    finally:
+        torch.jit.enable_onednn_fusion(enabled)
+
+
+def _trace_and_freeze(model: nn.Module, example: Tensor) -> torch.jit.ScriptModule:
+    import warnings
+
+    with warnings.catch_warnings():
+        # "torch.jit.trace is deprecated": known, and checked by onednn_graph_works().
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
+        return torch.jit.freeze(torch.jit.trace(model.eval(), example))
 
 
 def compile_works() -> tuple[bool, str]:
@@ -233,6 +306,51 @@ def compile_works() -> tuple[bool, str]:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return False, f"{type(exc).__name__}: {first_line}"[:200]
     return True, ""
+
+
+def onednn_graph_works() -> tuple[bool, str]:
+    """Whether oneDNN Graph fusion through TorchScript runs here, and why not."""
+    if not torch.backends.mkldnn.is_available():
+        return False, "this PyTorch build has no oneDNN"
+    try:
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()).eval()
+        x = torch.randn(1, 3, 8, 8)
+        fused = OneDnnGraphModel(net, channels_last=False)
+        if relative_difference(fused(x), net(x)) > 1e-5:
+            return False, "its output differs from the model's"
+    except Exception as exc:  # TorchScript fails with many types once it is removed
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return False, f"{type(exc).__name__}: {first_line}"[:200]
+    return True, ""
+
+
+def retain_freed_memory() -> bool:
+    """Make this process keep freed memory for reuse instead of returning it to the system.
+
+    glibc's ``malloc`` serves every block over 32 MiB with a fresh ``mmap`` and unmaps it on
+    ``free``. A ResNet-50 at batch 32 has activations of ~100 MB, so each forward pass maps
+    them again and the kernel zero-fills every page on first touch: we counted ~113,000 page
+    faults per forward. With ``mmap`` off and the trim threshold raised, the heap keeps its
+    peak size and later passes reuse it: zero faults, and ResNet-50 batch 32 ran 1.1× faster
+    compiled and 1.5× faster folded+channels_last on 2 cores. (jemalloc or tcmalloc through
+    ``LD_PRELOAD``, as Intel's tuning guides suggest, do the same from outside the process.)
+
+    Process-wide and irreversible, so it is never done implicitly: inference servers and
+    benchmarks call it once at start-up. The cost is that the process keeps its peak memory.
+    Returns False where the C library is not glibc (nothing is changed then).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, TypeError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's <malloc.h>
+    # mallopt returns 1 on success. The trim threshold is an int: 1 GiB is the most it takes.
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**30))
 
 
 # --- ONNX export -----------------------------------------------------------------------------
@@ -330,10 +448,12 @@ def onnxruntime_session(
     """An ONNX Runtime CPU session with every graph optimisation and ``threads`` threads.
 
     ``spin=False`` makes idle worker threads sleep at once instead of busy-waiting for the
-    next call. Spinning saves microseconds between back-to-back runs but, in a process that
-    also runs PyTorch (evaluation, benchmarks), the spinning threads take the cores from
-    PyTorch's: we measured eager ResNet-20 2-4× slower right after an ONNX Runtime call on
-    2 cores, while ONNX Runtime itself was not measurably faster with spinning.
+    next piece of work. In a process that also runs PyTorch (evaluation, benchmarks) spinning
+    threads take the cores from PyTorch's: we measured eager ResNet-20 2-4× slower right after
+    an ONNX Runtime call on 2 cores. But ONNX Runtime itself needs spinning at small batches,
+    where its threads wait between every two layers: ResNet-20 at batch 1 ran 2270 img/s
+    spinning and 1300 not (on its own, 2 cores). A process that only serves ONNX Runtime
+    should spin (ONNX Runtime's default); the benchmarks time both.
     """
     ort = _require_onnx()
     options = ort.SessionOptions()
@@ -353,10 +473,12 @@ class OnnxRuntimeModel(nn.Module):
     loops, accepts it unchanged.
     """
 
-    def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], threads: int | None = None, *, spin: bool = False
+    ) -> None:
         super().__init__()
         self.path = Path(path)
-        self.session = onnxruntime_session(path, threads)
+        self.session = onnxruntime_session(path, threads, spin=spin)
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, x: Tensor) -> Tensor:
@@ -583,15 +705,32 @@ class Variant:
     description: str
     run: Callable[[Tensor], Tensor]
     input_layout: str = "nchw"
+    # Its threads busy-wait after a call, taking the cores from whatever runs next; the
+    # measurement pauses after it (see measure_interleaved).
+    spinning: bool = False
 
 
-VARIANTS = ("eager", "folded", "folded_cl", "compiled", "onnxruntime", "int8", "int8_pt2e")
+VARIANTS = (
+    "eager",
+    "folded",
+    "folded_cl",
+    "compiled",
+    "onednn_graph",
+    "onnxruntime",
+    "onnxruntime_spin",
+    "int8",
+    "int8_pt2e",
+)
+# What `resunit bench` compares by default: every float32 way of running the model.
+FLOAT32_VARIANTS = VARIANTS[:7]
 VARIANT_DESCRIPTIONS = {
     "eager": "PyTorch eager, NCHW float32, BatchNorm not folded",
     "folded": "BatchNorm folded into the convs, NCHW",
     "folded_cl": "BatchNorm folded, channels_last (NHWC)",
     "compiled": "folded + channels_last + torch.compile (freezing: fused conv+ReLU/add)",
+    "onednn_graph": "folded + TorchScript trace with oneDNN Graph fusion (LLGA)",
     "onnxruntime": "ONNX Runtime float32 on the exported folded graph",
+    "onnxruntime_spin": "the same, worker threads spinning between ops (ORT's default)",
     "int8": "ONNX Runtime int8 (static, per-channel, QDQ)",
     "int8_pt2e": "PyTorch int8: PT2E X86 Inductor quantizer + torch.compile (torchao)",
 }
@@ -600,7 +739,7 @@ VARIANT_DESCRIPTIONS = {
 def build_variants(
     model: nn.Module,
     input_shape: Sequence[int],
-    names: Sequence[str] = VARIANTS[:5],
+    names: Sequence[str] = FLOAT32_VARIANTS,
     *,
     threads: int | None = None,
     calibration_batches: Sequence[Tensor] | None = None,
@@ -619,8 +758,8 @@ def build_variants(
     variants: dict[str, Variant] = {}
     skipped: dict[str, str] = {}
 
-    def add(name: str, run: Callable[[Tensor], Tensor]) -> None:
-        variants[name] = Variant(name, VARIANT_DESCRIPTIONS[name], run)
+    def add(name: str, run: Callable[[Tensor], Tensor], spinning: bool = False) -> None:
+        variants[name] = Variant(name, VARIANT_DESCRIPTIONS[name], run, spinning=spinning)
 
     for name in names:
         if name == "eager":
@@ -635,15 +774,21 @@ def build_variants(
                 add(name, optimize(eager, channels_last=True, compile=True))
             else:
                 skipped[name] = f"torch.compile does not work here ({why})"
-        elif name in ("onnxruntime", "int8"):
+        elif name == "onednn_graph":
+            works, why = onednn_graph_works()
+            if works:
+                add(name, optimize(eager, channels_last=False, compile="onednn_graph"))
+            else:
+                skipped[name] = f"oneDNN Graph fusion does not work here ({why})"
+        elif name in ("onnxruntime", "onnxruntime_spin", "int8"):
             if not onnx_available():
                 skipped[name] = "the [onnx] extra is not installed"
-            elif name == "onnxruntime":
-                path = export_onnx(
-                    eager, _scratch_dir() / f"bench-{id(eager)}.onnx", input_shape,
-                    dynamic_batch=True,
-                )  # fmt: skip
-                add(name, OnnxRuntimeModel(path, threads))
+            elif name.startswith("onnxruntime"):
+                path = _scratch_dir() / f"bench-{id(eager)}.onnx"
+                if not path.exists():
+                    export_onnx(eager, path, input_shape, dynamic_batch=True)
+                spin = name == "onnxruntime_spin"
+                add(name, OnnxRuntimeModel(path, threads, spin=spin), spinning=spin)
             elif calibration_batches is None:
                 skipped[name] = "no calibration batches given"
             else:
@@ -690,23 +835,73 @@ def measure_interleaved(
     *,
     repeats: int = 10,
     warmup: int = 2,
+    block: int | dict[str, int] = 2,
+    spinning: Iterable[str] = (),
 ) -> dict[str, Timing]:
     """Time every runner ``repeats`` times, interleaved, after ``warmup`` untimed rounds.
 
     Each round runs every variant once, starting from a different one each round, so slow
     phases of a shared machine hit all variants alike; report medians and compare ratios.
+    Within a round a variant runs ``block`` calls back to back (a number, or one per variant)
+    and only the calls after the first are timed, their mean being the round's sample: the
+    first one refills the caches and wakes the threads that the previous variant left cold,
+    which would otherwise be charged to whichever variant comes next (a model in service runs
+    call after call). Runners named in ``spinning`` keep their threads
+    busy-waiting after a call, taking the cores from the next variant: a short pause follows
+    their block (we measured the interference gone after 10-50 ms on 2 cores).
     """
     names = list(runners)
+    blocks = block if isinstance(block, dict) else dict.fromkeys(names, block)
+    if min(blocks.values()) < 2:
+        raise ConfigError("block must be at least 2: its first call is never timed")
+    spinning = set(spinning)
     timings = {name: Timing(name, batch) for name in names}
     for round_index in range(warmup + repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            runners[name]()  # warms up, untimed
             start = time.perf_counter()
-            runners[name]()
-            elapsed = time.perf_counter() - start
+            for _ in range(blocks[name] - 1):
+                runners[name]()
+            elapsed = (time.perf_counter() - start) / (blocks[name] - 1)
             if round_index >= warmup:
                 timings[name].seconds.append(elapsed)
+            if name in spinning:
+                time.sleep(0.1)
     return timings
+
+
+def compare_variants(
+    variants: dict[str, Variant],
+    x: Tensor,
+    reference: Tensor,
+    *,
+    repeats: int,
+    warmup: int = 2,
+    block_seconds: float = 0.05,
+) -> tuple[dict[str, Timing], dict[str, float]]:
+    """Time every variant on ``x`` (see :func:`measure_interleaved`) and check its output.
+
+    Each variant's block holds as many calls as fill about ``block_seconds`` (2 to 21 calls):
+    fast variants are timed over many consecutive calls, slow ones over one after a warm-up.
+    Returns the timings and each variant's largest difference from ``reference`` relative to
+    the output's scale. The output is taken from the first call, which compiles or plans and
+    is never timed.
+    """
+    with torch.no_grad():
+        differences = {n: relative_difference(v.run(x), reference) for n, v in variants.items()}
+    runners = {name: (lambda v=v: v.run(x)) for name, v in variants.items()}
+    blocks = {}
+    for name, run in runners.items():
+        start = time.perf_counter()
+        run()
+        per_call = time.perf_counter() - start
+        blocks[name] = 1 + min(20, max(1, round(block_seconds / per_call)))
+    spinning = [name for name, v in variants.items() if v.spinning]
+    timings = measure_interleaved(
+        runners, len(x), repeats=repeats, warmup=warmup, block=blocks, spinning=spinning
+    )
+    return timings, differences
 
 
 def count_multiply_adds(model: nn.Module, input_shape: Sequence[int]) -> int:

@@ -57,14 +57,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     bench = subparsers.add_parser(
         "bench",
-        help="images/s of eager, folded, channels_last, compiled and ONNX Runtime, side by side",
+        help="images/s of every float32 way to run a model, PyTorch and ONNX Runtime, side by side",
         description="Measure inference throughput of one model in several forms in the same "
         "process, interleaved, and print each as a ratio to plain eager PyTorch and to ONNX "
         "Runtime. Random weights and inputs: speed does not depend on them. On a machine "
         "busy with other jobs, run it as `OMP_WAIT_POLICY=PASSIVE resunit bench …`: by "
         "default PyTorch's OpenMP threads busy-wait for each other at every layer and can be "
         "several times slower there (ONNX Runtime's thread pool is not affected); on an idle "
-        "machine leave the default, which is faster.",
+        "machine leave the default, which is faster. Freed memory is kept for reuse "
+        "(resunit.deploy.retain_freed_memory), as a server should: large batches otherwise "
+        "page-fault their activations in again on every call.",
     )
     bench.add_argument("model", help="a registered model name (see `resunit models`)")
     bench.add_argument("--batch", default="1,32", help="comma-separated batch sizes (default 1,32)")
@@ -77,8 +79,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     bench.add_argument(
         "--variants",
-        default="eager,folded,folded_cl,compiled,onnxruntime",
-        help="comma-separated subset of eager, folded, folded_cl, compiled, onnxruntime",
+        default="eager,folded,folded_cl,compiled,onednn_graph,onnxruntime,onnxruntime_spin",
+        help="comma-separated subset of eager, folded, folded_cl, compiled, onednn_graph, "
+        "onnxruntime, onnxruntime_spin (ONNX Runtime with its threads spinning between "
+        "layers, its own default; default: all)",
     )
     add_json_flag(bench)
     bench.set_defaults(handler=run_bench)
@@ -243,16 +247,13 @@ def run_bench(args: argparse.Namespace) -> int:
     variants, skipped = deploy.build_variants(
         model, input_shape, names, threads=torch.get_num_threads()
     )
+    deploy.retain_freed_memory()
     rows = []
     for batch in batches:
         x = torch.randn(batch, *input_shape)
         with torch.no_grad():
             reference = model(x)
-        differences = {
-            name: deploy.relative_difference(v.run(x), reference) for name, v in variants.items()
-        }
-        runners = {name: (lambda v=v, x=x: v.run(x)) for name, v in variants.items()}
-        timings = deploy.measure_interleaved(runners, batch, repeats=args.repeats)
+        timings, differences = deploy.compare_variants(variants, x, reference, repeats=args.repeats)
         eager = timings.get("eager")
         ort = timings.get("onnxruntime")
         for name, timing in timings.items():
