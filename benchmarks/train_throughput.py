@@ -9,6 +9,9 @@
     default NCHW memory format;
 (c) bare step: forward + backward + SGD on one fixed, already normalised batch, channels_last.
 
+Also timed: (a'') our loop with ``--compile`` (torch.compile of the training step, float32),
+(a') with ``--bf16``, and (b') the tutorial loop with two DataLoader workers.
+
 The loops are interleaved for ``--rounds`` rounds; each gives ``TIMED`` epochs of images/s,
 and the median and the best of all of them are reported (the best is the one least disturbed
 by other jobs on a shared machine). Targets: (a) ≥ 0.9 × (c) and (a) ≥ 1.3 × (b). The output
@@ -47,7 +50,7 @@ def _dataset(steps: int):
     return load_dataset("synthetic", "train", **options), options
 
 
-def ours(steps: int, bf16: bool = False) -> list[float]:
+def ours(steps: int, bf16: bool = False, compile: bool = False) -> list[float]:
     """images/s of our loop's timed epochs (their time includes augmentation and metrics)."""
     _, options = _dataset(steps)
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,11 +64,13 @@ def ours(steps: int, bf16: bool = False) -> list[float]:
             flip=True,
             channels_last=True,
             bf16=bf16,
+            compile=compile,
             threads=torch.get_num_threads(),
             out=f"{tmp}/run",
         )
         train(config, progress=False)
-        return [m["images_per_second"] for m in read_metrics(f"{tmp}/run")[1:]]  # 1: warm-up
+        # The first epoch warms up (and, with compile, compiles): not counted.
+        return [m["images_per_second"] for m in read_metrics(f"{tmp}/run")[1:]]
 
 
 class TutorialDataset(torch.utils.data.Dataset):
@@ -195,6 +200,7 @@ def main() -> int:
         "bare": [],
         "ours_bf16": [],
         "reference_workers2": [],
+        "ours_compiled": [],
     }
     loops = [
         ("ours", ours),
@@ -202,6 +208,7 @@ def main() -> int:
         ("bare", bare_step),
         ("ours_bf16", lambda steps: ours(steps, bf16=True)),
         ("reference_workers2", lambda steps: reference(steps, workers=2)),
+        ("ours_compiled", lambda steps: ours(steps, compile=True)),
     ]
     for r in range(args.rounds):
         for name, fn in loops:
@@ -226,18 +233,23 @@ def main() -> int:
             "(b') reference with num_workers=2, as the PyTorch tutorial",
             median["reference_workers2"],
         ),
+        ("(a'') ours with --compile (float32)", median["ours_compiled"]),
     ]
     print(f"  {'':<58} {'median':>8} {'best':>8}  img/s")
-    keys = ["ours", "reference", "bare", "ours_bf16", "reference_workers2"]
+    keys = ["ours", "reference", "bare", "ours_bf16", "reference_workers2", "ours_compiled"]
     for (label, value), key in zip(rows, keys, strict=True):
         print(f"  {label:<58} {value:8.1f} {best[key]:8.1f}")
     ratio_c, ratio_b = median["ours"] / median["bare"], median["ours"] / median["reference"]
     best_c, best_b = best["ours"] / best["bare"], best["ours"] / best["reference"]
+    compiled_b = median["ours_compiled"] / median["reference"]
+    compiled_c = median["ours_compiled"] / median["bare"]
     print(
         f"\n  (a)/(c) = {ratio_c:.2f} median, {best_c:.2f} best  (target ≥ 0.90)"
         f"\n  (a)/(b) = {ratio_b:.2f} median, {best_b:.2f} best  (target ≥ 1.30)"
         f"\n  (a)/(b') = {median['ours'] / median['reference_workers2']:.2f} median"
         f"\n  (a')/(b) = {median['ours_bf16'] / median['reference']:.2f} median (bf16 vs float32)"
+        f"\n  (a'')/(b) = {compiled_b:.2f} median, (a'')/(c) = {compiled_c:.2f}"
+        "  (float32, --compile)"
     )
     print(f"\nwhere a step of (a) goes ({step_ms:.1f} ms, timed part by part):")
     for key, ms in parts.items():
@@ -252,6 +264,8 @@ def main() -> int:
         "ours_over_reference": ratio_b,
         "ours_over_bare_best": best_c,
         "ours_over_reference_best": best_b,
+        "ours_compiled_over_reference": compiled_b,
+        "ours_compiled_over_bare": compiled_c,
         "step_breakdown_ms": parts,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -169,6 +169,34 @@ def test_same_seed_same_weights_on_cpu(tmp_path):
     assert a["weights_sha256"] == b["weights_sha256"] != c["weights_sha256"]
 
 
+def test_compiled_training_follows_the_eager_run_and_saves_plain_weights(tmp_path):
+    from resunit.deploy import compile_works
+
+    works, why = compile_works()
+    if not works:
+        pytest.skip(f"torch.compile unavailable: {why}")
+    # Same seed and data: the compiled step computes the same maths in another order, so after
+    # a few steps the weights differ by rounding only (over a whole epoch the early, unstable
+    # phase of training amplifies those differences), and the checkpoint holds the plain keys.
+    few_steps = dict(
+        epochs=1,
+        data="synthetic",
+        data_options=dict(num_samples=96, image_size=8, channels=3, num_classes=10),
+    )
+    train(_quick(tmp_path, "eager", **few_steps), progress=False)
+    train(_quick(tmp_path, "compiled", compile=True, **few_steps), progress=False)
+    a, _ = load_model(tmp_path / "eager" / "last.pt")
+    b, _ = load_model(tmp_path / "compiled" / "last.pt")
+    assert a.state_dict().keys() == b.state_dict().keys()
+    torch.manual_seed(0)
+    initial = create_model("resnet20", num_classes=10).state_dict()  # where train() starts
+    moved = (a.state_dict()["conv1.weight"] - initial["conv1.weight"]).abs().max()
+    assert moved > 1e-3  # the steps changed the weights, so agreeing below means something
+    for key, value in a.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(b.state_dict()[key], value, rtol=1e-4, atol=1e-4)
+
+
 def test_in_process_resume_from_an_epoch_boundary_is_bitwise_identical(tmp_path):
     kw = dict(epochs=2, crop_padding=1, cutout=2, schedule="constant")
     full = train(_quick(tmp_path, "full", **kw), progress=False)
