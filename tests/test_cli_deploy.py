@@ -13,13 +13,7 @@ from resunit.models import create_model
 needs_onnx = pytest.mark.skipif(not deploy.onnx_available(), reason="needs the [onnx] extra")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads; `bench` sets its own (--threads), restored here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

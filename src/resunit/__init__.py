@@ -9,7 +9,14 @@ from resunit.blocks import (
     ResidualUnit,
     resolve_shortcut,
 )
-from resunit.errors import CheckpointError, ConfigError, DatasetError, ResunitError
+from resunit.errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    DeployError,
+    ResunitError,
+    TrainingError,
+)
 from resunit.models import ResNet, count_parameters, create_model, list_models
 
 __version__ = "0.1.0"
@@ -20,12 +27,14 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DatasetError",
+    "DeployError",
     "PadShortcut",
     "PreActBasicBlock",
     "PreActBottleneck",
     "ResNet",
     "ResidualUnit",
     "ResunitError",
+    "TrainingError",
     "__version__",
     "count_parameters",
     "create_model",

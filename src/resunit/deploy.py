@@ -30,13 +30,8 @@ from resunit.blocks import (
     PreActBasicBlock,
     PreActBottleneck,
 )
-from resunit.errors import ConfigError, ResunitError
+from resunit.errors import ConfigError, DeployError
 from resunit.models import ResNet
-
-
-class DeployError(ResunitError):
-    """An export or optimisation cannot be done (missing extra, failed verification)."""
-
 
 # --- BatchNorm folding -----------------------------------------------------------------------
 

@@ -26,3 +26,7 @@ class CheckpointError(ResunitError):
 
 class TrainingError(ResunitError):
     """Training cannot go on (e.g. the loss became non-finite)."""
+
+
+class DeployError(ResunitError):
+    """An export or optimisation cannot be done (missing extra, failed verification)."""
