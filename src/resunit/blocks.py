@@ -150,8 +150,8 @@ class DropPath(nn.Module):
 class ResidualUnit(nn.Module):
     """What every unit shares: the shortcut, stochastic depth, and the two-branch forward.
 
-    Subclasses build their layers and implement :meth:`residual`; the names of the modules
-    they create are the torchvision names.
+    Subclasses build their layers (with the torchvision names, ``relu`` included) and
+    implement :meth:`residual`; :meth:`forward` adds the two branches.
     """
 
     expansion: ClassVar[int] = 1
@@ -196,6 +196,17 @@ class ResidualUnit(nn.Module):
             return None
         return x if self.downsample is None else self.downsample(x)
 
+    def forward(self, x: Tensor) -> Tensor:
+        """``y = relu(F(x) + shortcut(x))`` (He et al. 2015); a plain unit drops the sum.
+
+        Pre-activation units (:class:`PreActUnit`) override this: no ReLU after the sum.
+        """
+        identity = self.shortcut(x)
+        out = self.drop_path(self.residual(x))  # stochastic depth drops F(x), never the skip
+        if identity is not None:
+            out = out + identity
+        return self.relu(out)
+
     def zero_init_residual(self) -> None:
         """Zero the residual's last scale so a fresh unit starts as its shortcut.
 
@@ -239,14 +250,6 @@ class BasicBlock(ResidualUnit):
         out = self.conv2(out)
         out = self.bn2(out)
         return out
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = self.shortcut(x)
-        out = self.residual(x)
-        out = self.drop_path(out)
-        if identity is not None:
-            out = out + identity
-        return self.relu(out)
 
     def zero_init_residual(self) -> None:
         nn.init.zeros_(self.bn2.weight)
@@ -293,14 +296,6 @@ class Bottleneck(ResidualUnit):
         out = self.conv3(out)
         out = self.bn3(out)
         return out
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = self.shortcut(x)
-        out = self.residual(x)
-        out = self.drop_path(out)
-        if identity is not None:
-            out = out + identity
-        return self.relu(out)
 
     def zero_init_residual(self) -> None:
         nn.init.zeros_(self.bn3.weight)
