@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from machine import cpu_load, describe_machine, measure_gemm_gflops
+from results_file import write_results
 from resunit import deploy
 from resunit.models import create_model
 
@@ -263,9 +264,7 @@ def main() -> None:
         "int8_accuracy": accuracy,
         "command": "python benchmarks/inference.py " + " ".join(sys.argv[1:]),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = args.out or RESULTS / f"inference-{started:%Y-%m-%d}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_results(args.out or RESULTS / f"inference-{started:%Y-%m-%d}.json", result)
 
     print(f"# {started:%Y-%m-%d %H:%M} UTC — {machine.describe()}")
     print(f"measured GEMM {gemm:.0f} GFLOP/s; load average {load_before} → {cpu_load()}")

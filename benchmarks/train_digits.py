@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_file import write_results
+
 
 def svm_baseline() -> float:
     """Test accuracy of an RBF-SVM tuned by grid search on our training split."""
@@ -96,9 +98,7 @@ def main() -> int:
         "meets_accuracy_target": mean >= 0.99,
         "meets_time_target": worst_wall <= 60,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {write_results(args.out, result)}")
     return 0
 
 

@@ -23,19 +23,18 @@ also splits (a)'s time per step into its parts (data preparation vs the step its
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from results_file import write_results
 from resunit.data import augment, load_dataset
 from resunit.models import create_model
 from resunit.train import make_config, make_optimizer, prepare_batch, read_metrics, train
@@ -268,9 +267,7 @@ def main() -> int:
         "ours_compiled_over_bare": compiled_c,
         "step_breakdown_ms": parts,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {write_results(args.out, result)}")
     return 0
 
 
