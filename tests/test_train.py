@@ -197,6 +197,35 @@ def test_compiled_training_follows_the_eager_run_and_saves_plain_weights(tmp_pat
             torch.testing.assert_close(b.state_dict()[key], value, rtol=1e-4, atol=1e-4)
 
 
+def test_tensorboard_logs_every_metric_of_every_epoch(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(_quick(tmp_path, epochs=2, val_fraction=0.1, tensorboard=True), progress=False)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    for record in read_metrics(tmp_path / "run"):
+        for key in ("train_loss", "val_accuracy", "lr"):
+            logged = {e.step: e.value for e in events.Scalars(key)}
+            assert logged[record["epoch"]] == pytest.approx(record[key], rel=1e-6)
+
+
+def test_tensorboard_without_the_package_is_a_config_error(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name == "torch.utils.tensorboard":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        train(_quick(tmp_path, epochs=1, tensorboard=True), progress=False)
+    assert not (tmp_path / "run").exists()  # nothing half-made that would block a rerun
+
+
 def test_in_process_resume_from_an_epoch_boundary_is_bitwise_identical(tmp_path):
     kw = dict(epochs=2, crop_padding=1, cutout=2, schedule="constant")
     full = train(_quick(tmp_path, "full", **kw), progress=False)

@@ -711,6 +711,17 @@ def _progress(total: int, initial: int, epoch: int, epochs: int, enabled: bool) 
     )
 
 
+def _tensorboard_writer_class() -> Any:
+    # Checked before the run directory is created, so the error leaves nothing behind.
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # asked for by name: say so rather than log nothing
+        raise ConfigError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard"
+        ) from None
+    return SummaryWriter
+
+
 class _RunWriter:
     """The run directory's files: config.json, metrics.jsonl, curves.png, TensorBoard."""
 
@@ -721,13 +732,11 @@ class _RunWriter:
         self.last_plot = -math.inf
         if not enabled:
             return
+        summary_writer = _tensorboard_writer_class() if config.tensorboard else None
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
-        if config.tensorboard:
-            with contextlib.suppress(ImportError):
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if summary_writer is not None:
+            self.tb = summary_writer(str(run_dir / "tensorboard"))
 
     def rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
         """On resume: metrics.jsonl becomes exactly the checkpoint's epochs (a crash may have
@@ -745,8 +754,9 @@ class _RunWriter:
             f.flush()
         if self.tb is not None:
             for key, value in record.items():
-                if key != "epoch":
+                if key != "epoch" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record["epoch"])
+            self.tb.flush()
         # Redrawing costs ~0.1 s: at the end, and at most twice a minute along the way.
         if final or time.monotonic() - self.last_plot > 30:
             self.plot()
