@@ -146,6 +146,27 @@ def test_predict_reads_images_of_any_size_and_mode(reference_run, tmp_path, caps
     assert {r["classes"][0] for r in results} == {str(int(test.labels[0]))}
 
 
+def test_predict_invert_reads_dark_ink_on_white_as_the_model_learnt_it(
+    reference_run, tmp_path, capsys
+):
+    from resunit.data import load_dataset
+
+    test = load_dataset("digits", "test")
+    digit = test.images[0, 0].numpy()
+    Image.fromarray(digit).save(tmp_path / "as_learnt.png")
+    Image.fromarray(255 - digit).save(tmp_path / "on_paper.png")  # dark ink, white ground
+    checkpoint = str(reference_run / "best.pt")
+    runs = {}
+    for name, extra in [("as_learnt", []), ("on_paper", ["--invert"])]:
+        argv = ["predict", "--checkpoint", checkpoint, str(tmp_path / f"{name}.png"), *extra]
+        assert main([*argv, "--top-k", "10", "--json"]) == 0
+        runs[name] = json.loads(capsys.readouterr().out)[0]
+    # Inverting the inverted picture gives back the original: the same answer, the same numbers.
+    assert runs["on_paper"]["classes"] == runs["as_learnt"]["classes"]
+    assert runs["on_paper"]["probabilities"] == pytest.approx(runs["as_learnt"]["probabilities"])
+    assert runs["as_learnt"]["classes"][0] == str(int(test.labels[0]))
+
+
 def _error_line(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1, err

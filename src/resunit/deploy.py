@@ -210,10 +210,11 @@ def optimize(
     convolutions use, which saves a reorder around every conv. ``compile`` picks a graph
     compiler that fuses each ReLU and each residual addition into the convolution before it:
 
-    - ``True`` or ``"inductor"``: ``torch.compile`` with weight freezing; the fastest here at
-      batch 32 (it compiles on the first call for each batch size, which takes seconds).
-    - ``"onednn_graph"``: a frozen TorchScript trace run with oneDNN Graph fusion; far less
-      framework overhead per layer, so the fastest at batch 1 (see :class:`OneDnnGraphModel`).
+    - ``True`` or ``"inductor"``: ``torch.compile`` with weight freezing (it compiles on the
+      first call for each batch size, which takes seconds).
+    - ``"onednn_graph"``: a frozen TorchScript trace run with oneDNN Graph fusion (see
+      :class:`OneDnnGraphModel`). Far less framework overhead per layer: on 2 cores it was
+      1.1-1.9× inductor at batch 1 and on a par (±3%) at batch 32 (BENCHMARKS.md).
 
     The original model is not modified; outputs match its eval-mode outputs to ~1e-6.
     """

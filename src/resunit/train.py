@@ -794,16 +794,22 @@ class _RunWriter:
 
 @torch.no_grad()
 def predict_files(
-    checkpoint: str | os.PathLike[str], paths: list[str], top_k: int = 3
+    checkpoint: str | os.PathLike[str], paths: list[str], top_k: int = 3, invert: bool = False
 ) -> list[dict[str, Any]]:
     """Top-k class names and probabilities for image files, converted and resized to the
-    channels and size the checkpoint's model was trained on."""
+    channels and size the checkpoint's model was trained on.
+
+    ``invert`` flips brightness first (255 − value): for dark ink on light paper when the
+    model learnt light strokes on a dark ground, as the digits data has them.
+    """
     from resunit.checkpoint import load_model
     from resunit.data import read_image
 
     model, config = load_model(checkpoint)
     height, width = config.get("image_size") or (config["input_size"],) * 2
     images = torch.stack([read_image(p, config["in_chans"], (height, width)) for p in paths])
+    if invert:
+        images = 255 - images
     x = prepare_batch(images, tuple(config["mean"]), tuple(config["std"]), config["input_size"])
     probabilities = model(x).softmax(1)
     k = max(1, min(top_k, probabilities.shape[1]))

@@ -312,6 +312,12 @@ def _register_predict(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="a best.pt or last.pt from `resunit train`")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--top-k", type=int, default=3, help="how many classes to show per image")
+    p.add_argument(
+        "--invert",
+        action="store_true",
+        help="invert brightness first: for dark ink on light paper, when the model learnt light "
+        "strokes on dark (the default digits data does)",
+    )
     add_json_flag(p)
     p.set_defaults(handler=run_predict)
 
@@ -319,7 +325,7 @@ def _register_predict(subparsers: argparse._SubParsersAction) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     from resunit.train import predict_files
 
-    results = predict_files(args.checkpoint, args.images, top_k=args.top_k)
+    results = predict_files(args.checkpoint, args.images, top_k=args.top_k, invert=args.invert)
     if args.json:
         print_json(results)
         return 0
