@@ -246,8 +246,9 @@ class OneDnnGraphModel(InferenceModel):
     oneDNN Graph ("LLGA") takes the whole traced graph, groups conv + bias + residual add +
     ReLU into compiled partitions and keeps tensors in oneDNN's blocked layouts between them.
     Each partition is then one cached call, whereas every convolution that inductor emits goes
-    through PyTorch's generic oneDNN wrapper, which builds its primitive descriptor again on
-    every call (~30 µs): at batch 1 that overhead is most of a ResNet-20's time.
+    through PyTorch's generic oneDNN operator, which costs ~30 µs of CPU per call beyond the
+    kernel (profiled at ResNet-20 batch 1: ~53 µs per conv call, of which oneDNN reports
+    ~20 µs executing): at batch 1 that overhead is most of a ResNet-20's time.
 
     The trace happens on the first call (shapes then come from the real input) and is warmed
     up before that call returns, so the first result already comes from the fused graph.
