@@ -9,6 +9,11 @@
     default NCHW memory format;
 (c) bare step: forward + backward + SGD on one fixed, already normalised batch, channels_last.
 
+Each loop runs in a fresh process, as users run it: (a) is the ``resunit train`` command, which
+keeps freed memory for reuse (``resunit.allocator.retain_freed_memory``); (c) runs with the same
+allocator setting, and (c0) repeats it with glibc's default, to show what that setting is worth;
+the tutorial loops (b), (b') keep the default, as tutorials do.
+
 Also timed: (a'') our loop with ``--compile`` (torch.compile of the training step, float32),
 (a') with ``--bf16``, and (b') the tutorial loop with two DataLoader workers.
 
@@ -23,8 +28,10 @@ also splits (a)'s time per step into its parts (data preparation vs the step its
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,9 +42,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from results_file import write_results
+from resunit.allocator import retain_freed_memory
 from resunit.data import augment, load_dataset
 from resunit.models import create_model
-from resunit.train import make_config, make_optimizer, prepare_batch, read_metrics, train
+from resunit.train import make_config, make_optimizer, prepare_batch, read_metrics
 
 BATCH = 128
 STEPS = 6  # steps per epoch (per timed chunk for the bare step)
@@ -49,27 +57,26 @@ def _dataset(steps: int):
     return load_dataset("synthetic", "train", **options), options
 
 
-def ours(steps: int, bf16: bool = False, compile: bool = False) -> list[float]:
-    """images/s of our loop's timed epochs (their time includes augmentation and metrics)."""
+def ours(steps: int, threads: int, *flags: str) -> list[float]:
+    """images/s of ``resunit train``'s timed epochs (their time includes augmentation and
+    metrics), run as a command in its own process."""
     _, options = _dataset(steps)
     with tempfile.TemporaryDirectory() as tmp:
-        config = make_config(
-            model="resnet20",
-            data="synthetic",
-            data_options=options,
-            epochs=1 + TIMED,
-            batch_size=BATCH,
-            crop_padding=4,
-            flip=True,
-            channels_last=True,
-            bf16=bf16,
-            compile=compile,
-            threads=torch.get_num_threads(),
-            out=f"{tmp}/run",
-        )
-        train(config, progress=False)
+        command = [sys.executable, "-m", "resunit", "train", "--data", "synthetic"]
+        command += [f"--data-option={key}={value}" for key, value in options.items()]
+        command += ["--epochs", str(1 + TIMED), "--batch-size", str(BATCH), "--crop-padding", "4"]
+        command += ["--flip", "--channels-last", "--threads", str(threads), "--no-progress"]
+        subprocess.run([*command, *flags, "--out", f"{tmp}/run"], check=True, capture_output=True)
         # The first epoch warms up (and, with compile, compiles): not counted.
         return [m["images_per_second"] for m in read_metrics(f"{tmp}/run")[1:]]
+
+
+def in_child(loop: str, steps: int, threads: int, retain: bool) -> list[float]:
+    """Run one of this file's loops in a fresh process (``--child``) and return its samples."""
+    command = [sys.executable, __file__, "--child", loop, "--steps", str(steps)]
+    command += ["--threads", str(threads)] + ["--retain"] * retain
+    out = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
 
 
 class TutorialDataset(torch.utils.data.Dataset):
@@ -184,68 +191,89 @@ def breakdown(steps: int) -> dict[str, float]:
     return parts
 
 
+CHILD_LOOPS = {
+    "reference": lambda steps: reference(steps),
+    "reference_workers2": lambda steps: reference(steps, workers=2),
+    "bare": bare_step,
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--out", default="benchmarks/results/train_throughput.json")
+    parser.add_argument("--child", choices=sorted(CHILD_LOOPS), help=argparse.SUPPRESS)
+    parser.add_argument("--retain", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     random.seed(0)
-    runs: dict[str, list[float]] = {
-        "ours": [],
-        "reference": [],
-        "bare": [],
-        "ours_bf16": [],
-        "reference_workers2": [],
-        "ours_compiled": [],
+    if args.child:  # one loop in this fresh process; the parent reads its samples
+        if args.retain:
+            retain_freed_memory()
+        print(json.dumps(CHILD_LOOPS[args.child](args.steps)))
+        return 0
+
+    steps, threads = args.steps, args.threads
+    loops = {  # key: (label, one round's samples)
+        "ours": (
+            "(a) ours: `resunit train`, augmentation on batches",
+            lambda: ours(steps, threads),
+        ),
+        "reference": (
+            "(b) reference: per-image transforms + DataLoader",
+            lambda: in_child("reference", steps, threads, retain=False),
+        ),
+        "bare": (
+            "(c) bare step: fwd+bwd+SGD, fixed batch, channels_last",
+            lambda: in_child("bare", steps, threads, retain=True),
+        ),
+        "bare_default_allocator": (
+            "(c0) bare step with glibc's default allocator settings",
+            lambda: in_child("bare", steps, threads, retain=False),
+        ),
+        "ours_bf16": (
+            "(a') ours with --bf16 (autocast; not part of the targets)",
+            lambda: ours(steps, threads, "--bf16"),
+        ),
+        "reference_workers2": (
+            "(b') reference with num_workers=2, as the PyTorch tutorial",
+            lambda: in_child("reference_workers2", steps, threads, retain=False),
+        ),
+        "ours_compiled": (
+            "(a'') ours with --compile (float32)",
+            lambda: ours(steps, threads, "--compile"),
+        ),
     }
-    loops = [
-        ("ours", ours),
-        ("reference", reference),
-        ("bare", bare_step),
-        ("ours_bf16", lambda steps: ours(steps, bf16=True)),
-        ("reference_workers2", lambda steps: reference(steps, workers=2)),
-        ("ours_compiled", lambda steps: ours(steps, compile=True)),
-    ]
+    runs: dict[str, list[float]] = {key: [] for key in loops}
     for r in range(args.rounds):
-        for name, fn in loops:
-            runs[name] += fn(args.steps)
-        print(
-            f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()), flush=True
-        )
+        for key, (_, samples) in loops.items():
+            runs[key] += samples()
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()))
     median = {k: statistics.median(v) for k, v in runs.items()}
     best = {k: max(v) for k, v in runs.items()}
-    parts = breakdown(max(args.steps, 3))
+    retain_freed_memory()  # as in (a)'s process
+    parts = breakdown(max(steps, 3))
     step_ms = sum(parts.values())
     print(
-        f"\nresnet20, CIFAR-size synthetic data, batch {BATCH}, {args.threads} threads, "
-        f"{args.rounds} rounds × {TIMED} timed epochs each: median and best\n"
+        f"\nresnet20, CIFAR-size synthetic data, batch {BATCH}, {threads} threads, "
+        f"{args.rounds} rounds × {TIMED} timed epochs each, each loop in a fresh process: "
+        "median and best\n"
     )
-    rows = [
-        ("(a) ours: full loop with augmentation", median["ours"]),
-        ("(b) reference: per-image transforms + DataLoader", median["reference"]),
-        ("(c) bare step: fwd+bwd+SGD, fixed batch, channels_last", median["bare"]),
-        ("(a') ours with --bf16 (autocast; not part of the targets)", median["ours_bf16"]),
-        (
-            "(b') reference with num_workers=2, as the PyTorch tutorial",
-            median["reference_workers2"],
-        ),
-        ("(a'') ours with --compile (float32)", median["ours_compiled"]),
-    ]
     print(f"  {'':<58} {'median':>8} {'best':>8}  img/s")
-    keys = ["ours", "reference", "bare", "ours_bf16", "reference_workers2", "ours_compiled"]
-    for (label, value), key in zip(rows, keys, strict=True):
-        print(f"  {label:<58} {value:8.1f} {best[key]:8.1f}")
+    for key, (label, _) in loops.items():
+        print(f"  {label:<58} {median[key]:8.1f} {best[key]:8.1f}")
     ratio_c, ratio_b = median["ours"] / median["bare"], median["ours"] / median["reference"]
     best_c, best_b = best["ours"] / best["bare"], best["ours"] / best["reference"]
     compiled_b = median["ours_compiled"] / median["reference"]
     compiled_c = median["ours_compiled"] / median["bare"]
+    allocator = median["bare"] / median["bare_default_allocator"]
     print(
         f"\n  (a)/(c) = {ratio_c:.2f} median, {best_c:.2f} best  (target ≥ 0.90)"
         f"\n  (a)/(b) = {ratio_b:.2f} median, {best_b:.2f} best  (target ≥ 1.30)"
         f"\n  (a)/(b') = {median['ours'] / median['reference_workers2']:.2f} median"
+        f"\n  (c)/(c0) = {allocator:.2f} median (what keeping freed memory is worth)"
         f"\n  (a')/(b) = {median['ours_bf16'] / median['reference']:.2f} median (bf16 vs float32)"
         f"\n  (a'')/(b) = {compiled_b:.2f} median, (a'')/(c) = {compiled_c:.2f}"
         "  (float32, --compile)"
@@ -265,6 +293,7 @@ def main() -> int:
         "ours_over_reference_best": best_b,
         "ours_compiled_over_reference": compiled_b,
         "ours_compiled_over_bare": compiled_c,
+        "bare_over_bare_default_allocator": allocator,
         "step_breakdown_ms": parts,
     }
     print(f"\nwrote {write_results(args.out, result)}")

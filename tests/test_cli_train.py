@@ -308,3 +308,31 @@ def test_torchrun_two_cpu_processes_train_one_model(tmp_path):
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2]
     assert read_checkpoint(out / "last.pt")["world_size"] == 2
     assert ranks[0]["summary"]["test_accuracy"] > 0.5
+
+
+def test_train_keeps_freed_memory_for_the_next_step(tmp_path, monkeypatch):
+    # The command owns its process, so it switches the allocator once, before training; the
+    # library's train() never does (a process-wide change is the caller's decision).
+    import resunit.allocator
+
+    calls = []
+    monkeypatch.setattr(resunit.allocator, "retain_freed_memory", lambda: calls.append(1) or True)
+    tiny = [
+        "--data",
+        "synthetic",
+        "--data-option",
+        "num_samples=64",
+        "--data-option",
+        "image_size=8",
+    ]
+    assert main(["train", *tiny, *QUICK, "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+    assert calls == [1]
+    calls.clear()
+    from resunit.train import make_config, train
+
+    options = dict(num_samples=64, image_size=8)
+    train(
+        make_config(data="synthetic", data_options=options, epochs=1, out=str(tmp_path / "api")),
+        progress=False,
+    )
+    assert calls == []

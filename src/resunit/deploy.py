@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from resunit.allocator import retain_freed_memory as retain_freed_memory  # also for training
 from resunit.analysis import parse_input_shape as parse_input_shape  # one --input parser
 from resunit.blocks import (
     BasicBlock,
@@ -319,35 +320,6 @@ def onednn_graph_works() -> tuple[bool, str]:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return False, f"{type(exc).__name__}: {first_line}"[:200]
     return True, ""
-
-
-def retain_freed_memory() -> bool:
-    """Make this process keep freed memory for reuse instead of returning it to the system.
-
-    glibc's ``malloc`` serves every block over 32 MiB with a fresh ``mmap`` and unmaps it on
-    ``free``. A ResNet-50 at batch 32 has activations of ~100 MB, so each forward pass maps
-    them again and the kernel zero-fills every page on first touch: we counted ~113,000 page
-    faults per forward. With ``mmap`` off and the trim threshold raised, the heap keeps its
-    peak size and later passes reuse it: zero faults, and ResNet-50 batch 32 ran 1.1× faster
-    compiled and 1.5× faster folded+channels_last on 2 cores. (jemalloc or tcmalloc through
-    ``LD_PRELOAD``, as Intel's tuning guides suggest, do the same from outside the process.)
-
-    Process-wide and irreversible, so it is never done implicitly: inference servers and
-    benchmarks call it once at start-up. The cost is that the process keeps its peak memory.
-    Returns False where the C library is not glibc (nothing is changed then).
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, TypeError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's <malloc.h>
-    # mallopt returns 1 on success. The trim threshold is an int: 1 GiB is the most it takes.
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**30))
 
 
 # --- ONNX export -----------------------------------------------------------------------------
