@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -190,6 +191,48 @@ def test_user_errors_are_one_line_and_exit_code_2(tmp_path, capsys, reference_ru
     assert "truncated or corrupt" in _error_line(capsys)
     assert main(["predict", "--checkpoint", str(reference_run / "best.pt"), "nope.png"]) == 2
     assert "nope.png" in _error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["train", "--momentum", "-1"], "momentum"),
+        (["train", "--warmup-epochs", "nan"], "warm-up"),
+        (["train", "--threads", "-1"], "threads"),
+        (["train", "--input-size", "-4"], "input size"),
+        (["train", "--device", "mps"], "unknown device"),
+        (["train", "--data", "synthetic", "--data-option", "num_classes=0"], "num_classes"),
+        (["train", "--data-option", "colour=3"], "takes no option"),
+    ],
+)
+def test_bad_training_options_are_one_line_and_exit_code_2(argv, expected, capsys):
+    assert main(argv) == 2
+    assert expected in _error_line(capsys)
+
+
+def test_run_dir_and_resume_mistakes_are_one_line(tmp_path, capsys, reference_run):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main(["train", "--out", str(afile)]) == 2
+    assert "is a file" in _error_line(capsys)
+    finished = tmp_path / "finished"
+    shutil.copytree(reference_run, finished)
+    assert main(["train", "--resume", str(finished)]) == 2
+    assert "nothing to resume" in _error_line(capsys)
+    assert main(["train", "--resume", str(finished), "--data-option", "seed=1"]) == 2
+    assert "drop --data-option" in _error_line(capsys)
+    state = read_checkpoint(finished / "last.pt")
+    del state["optimizer"]
+    torch.save(state, finished / "last.pt")
+    assert main(["train", "--resume", str(finished)]) == 2
+    assert "lacks optimizer" in _error_line(capsys)
+    checkpoint = str(reference_run / "best.pt")
+    assert main(["eval", "--checkpoint", checkpoint, "--batch-size", "0"]) == 2
+    assert "--batch-size" in _error_line(capsys)
+    assert main(["eval", "--checkpoint", checkpoint, "--plot", str(afile / "x.png")]) == 2
+    assert "cannot write" in _error_line(capsys)
+    assert main(["eval", "--checkpoint", checkpoint, "--data", "synthetic"]) == 2
+    assert "checkpoint expects" in _error_line(capsys)
 
 
 class _Exploit:

@@ -285,18 +285,78 @@ def test_read_image_converts_any_mode_to_model_channels_and_size(tmp_path):
     assert read_image(tmp_path / "p.gif", 3).shape == (3, 20, 20)
 
 
+def _image_folder(folder, classes=(("cat", 10), ("dog", 240)), count=3, size=(12, 9)):
+    for cls, value in classes:
+        (folder / cls).mkdir(parents=True)
+        for i in range(count):
+            image = np.full((*size, 3), value + i, np.uint8)
+            Image.fromarray(image).save(folder / cls / f"{i}.png")
+
+
 def test_imagefolder_skips_or_fails_on_unreadable_files_by_flag(tmp_path, capsys):
-    for cls, value in (("cat", 10), ("dog", 240)):
-        (tmp_path / cls).mkdir()
-        for i in range(3):
-            Image.fromarray(np.full((12, 9, 3), value, np.uint8)).save(tmp_path / cls / f"{i}.png")
-    (tmp_path / "dog" / "bad.png").write_bytes(b"garbage")
+    _image_folder(tmp_path / "train")
+    _image_folder(tmp_path / "test")
+    (tmp_path / "train" / "dog" / "bad.png").write_bytes(b"garbage")
     data = load_dataset("imagefolder", "train", str(tmp_path), image_size=8)
     assert data.classes == ["cat", "dog"] and data.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert data.images.shape == (6, 3, 8, 8)
-    assert "bad.png" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "bad.png" in err and not out  # stdout stays clean for --json
     with pytest.raises(DatasetError, match=r"bad\.png"):
         load_dataset("imagefolder", "train", str(tmp_path), on_error="fail")
+    # Test images take the training images' size even without image_size.
+    test = load_dataset("imagefolder", "test", str(tmp_path / ""))
+    assert test.images.shape == (6, 3, 12, 9)
+
+
+def test_imagefolder_without_test_folder_holds_out_a_stratified_test_split(tmp_path):
+    _image_folder(tmp_path, count=10)
+    train = load_dataset("imagefolder", "train", str(tmp_path))
+    test = load_dataset("imagefolder", "test", str(tmp_path))
+    assert len(train) == 16 and len(test) == 4
+    assert test.labels.bincount().tolist() == [2, 2]  # stratified
+
+    # Pixel values are unique per image here: no test image is also a training image.
+    def ids(data):
+        return set(zip(data.labels.tolist(), data.images[:, 0, 0, 0].tolist(), strict=True))
+
+    train_ids, test_ids = ids(train), ids(test)
+    assert not train_ids & test_ids and len(train_ids | test_ids) == 20
+
+
+def test_imagefolder_refuses_mismatched_classes_and_a_single_class(tmp_path):
+    _image_folder(tmp_path / "a" / "train", classes=(("cat", 0), ("dog", 50), ("fox", 90)))
+    _image_folder(tmp_path / "a" / "test", classes=(("cat", 0), ("fox", 90)))
+    with pytest.raises(DatasetError, match="must be the same"):
+        load_dataset("imagefolder", "test", str(tmp_path / "a"))
+    _image_folder(tmp_path / "b", classes=(("cat", 0),))
+    with pytest.raises(DatasetError, match="at least two"):
+        load_dataset("imagefolder", "train", str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"num_classes": 0}, "num_classes must be an integer ≥ 2"),
+        ({"num_samples": -5}, "num_samples"),
+        ({"image_size": "abc"}, "image_size"),
+        ({"val_seed": "abc"}, "val_seed"),
+        ({"colour": 3}, "takes no option 'colour'"),
+    ],
+)
+def test_bad_dataset_options_are_one_clear_error(options, message):
+    with pytest.raises(DatasetError, match=message):
+        load_dataset("synthetic", "train", **options)
+
+
+def test_sixteen_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 1, 64).reshape(8, 8)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray(ramp.astype(np.float32), "F").save(tmp_path / "f.tiff")
+    expected = torch.from_numpy(np.rint(ramp * 255)).to(torch.uint8)
+    for name in ("g16.png", "f.tiff"):
+        image = read_image(tmp_path / name, channels=1)
+        assert (image[0].int() - expected.int()).abs().max() <= 1, name
 
 
 def test_synthetic_data_is_seeded_and_learnable():

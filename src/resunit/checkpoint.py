@@ -191,7 +191,12 @@ def load_model(path: str | os.PathLike[str]) -> tuple[ResNet, dict[str, Any]]:
     except ResunitError as exc:
         raise CheckpointError(f"{path}: cannot rebuild its model: {exc}") from None
     try:
-        load_weights(model, payload)
+        report = load_weights(model, payload)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+    if report.skipped_head:  # tolerated when fine-tuning; here the head must be the trained one
+        raise CheckpointError(
+            f"{path}: its classifier ({', '.join(report.skipped_head)}) does not have the "
+            f"{config.get('num_classes')} classes its config names"
+        )
     return model.eval(), config

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import sys
 import tarfile
 import tempfile
 import urllib.request
@@ -124,18 +125,46 @@ def load_dataset(
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     val_fraction = float(options.pop("val_fraction", 0.0) or 0.0)
-    val_seed = int(options.pop("val_seed", 0))
+    val_seed = options.pop("val_seed", 0)
+    _check_integer_options(name, {**options, "val_seed": val_seed})
     if split == "val" and val_fraction <= 0:
         raise DatasetError(f"{name} has no validation split: set val_fraction > 0 to carve one")
     loader = _LOADERS[name]
     try:
         base = loader("test" if split == "test" else "train", root, **options)
-    except TypeError as exc:  # an option this dataset does not take
-        raise DatasetError(f"{name}: unsupported option ({exc})") from None
+    except TypeError as exc:
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        unknown = str(exc).rsplit("argument", 1)[-1].strip()
+        raise DatasetError(f"{name} takes no option {unknown}") from None
     if split == "test" or val_fraction <= 0:
         return base
     train_idx, val_idx = stratified_split(base.labels, val_fraction, val_seed)
     return base.subset(train_idx if split == "train" else val_idx, f"{base.name}")
+
+
+# Integer dataset options and their smallest value (the CLI passes digits as int, else str).
+_INTEGER_OPTIONS = {
+    "num_samples": 1,
+    "num_classes": 2,
+    "image_size": 1,
+    "channels": 1,
+    "seed": 0,
+    "val_seed": 0,
+}
+
+
+def _check_integer_options(name: str, options: dict[str, Any]) -> None:
+    for key, smallest in _INTEGER_OPTIONS.items():
+        value = options.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+            raise DatasetError(
+                f"{name}: option {key} must be an integer ≥ {smallest}, got {value!r}"
+            )
+    if name == "imagefolder" and options.get("channels", 3) not in (1, 3):
+        raise DatasetError(f"imagefolder: channels must be 1 or 3, got {options['channels']!r}")
 
 
 def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -150,7 +179,12 @@ def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor
             index, test_size=fraction, stratify=labels.numpy(), random_state=seed
         )
     except ValueError:  # too few images to hold out one of every class: plain random split
-        kept, held = train_test_split(index, test_size=fraction, random_state=seed)
+        try:
+            kept, held = train_test_split(index, test_size=fraction, random_state=seed)
+        except ValueError:
+            raise DatasetError(
+                f"{len(labels)} images are too few to hold out {fraction:.0%} of them"
+            ) from None
     return torch.from_numpy(np.sort(kept)), torch.from_numpy(np.sort(held))
 
 
@@ -276,7 +310,7 @@ def _load_cifar(name: str, split: str, root: str | None) -> ImageDataset:
         )
     spec = _CIFAR[name][layout]
     files = spec[1] if split == "train" else spec[2]
-    missing = [f for f in files if not (folder / f).is_file()]
+    missing = [f for f in [*files, spec[3]] if not (folder / f).is_file()]
     if missing:
         raise DatasetError(
             f"{folder} is incomplete: missing {', '.join(missing)} "
@@ -286,10 +320,18 @@ def _load_cifar(name: str, split: str, root: str | None) -> ImageDataset:
     if layout == "python":
         for f in files:
             batch = _read_pickle(folder / f)
-            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.append(np.asarray(batch[spec[5]], dtype=np.int64))
+            try:
+                images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.append(np.asarray(batch[spec[5]], dtype=np.int64))
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise DatasetError(f"{folder / f} is not a {name} batch: {exc}") from None
+            if len(labels[-1]) != len(images[-1]):
+                raise DatasetError(f"{folder / f} holds more images than labels, or fewer")
         meta = _read_pickle(folder / spec[3])
-        classes = [c.decode() for c in meta[spec[4].encode()]]
+        try:
+            classes = [c.decode() for c in meta[spec[4].encode()]]
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise DatasetError(f"{folder / spec[3]} is not a {name} meta file: {exc}") from None
     else:
         label_bytes = spec[4]
         record = label_bytes + 3072
@@ -329,6 +371,7 @@ def read_image(
     try:
         with Image.open(path) as img:
             img.load()
+            img = _to_8_bit(img)
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 img = img.convert("RGBA")
                 background = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -339,11 +382,36 @@ def read_image(
             array = np.asarray(img, dtype=np.uint8)
     except FileNotFoundError:
         raise DatasetError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise DatasetError(f"cannot read image {path}: {exc}") from None
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _to_8_bit(img: Any) -> Any:
+    """16-bit, 32-bit integer and float grayscale images as 8-bit "L", scaled, not clipped.
+
+    Pillow's own ``convert("L")`` clips such pixels to 255 (16-bit) or truncates floats, which
+    turns a 16-bit scan white and a float image in [0, 1] black.
+    """
+    from PIL import Image
+
+    if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
+        return img
+    values = np.asarray(img, dtype=np.float64)
+    top = values.max(initial=0.0)
+    if img.mode.startswith("I;16") or 255 < top <= 65535:
+        scale = 255 / 65535
+    elif img.mode == "F" and top <= 1.0:
+        scale = 255.0  # float images conventionally hold [0, 1]
+    else:
+        scale = 1.0
+    return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), "L")
+
+
+# Held out as the test split of an image folder that has no test/ of its own.
+IMAGEFOLDER_TEST_FRACTION = 0.2
 
 
 def _load_imagefolder(
@@ -354,22 +422,64 @@ def _load_imagefolder(
     channels: int = 3,
     on_error: str = "skip",
 ) -> ImageDataset:
+    """``ROOT/train/CLASS/*`` and ``ROOT/test/CLASS/*``; or ``ROOT/CLASS/*`` (or only train/),
+    of which a fixed stratified 20% is held out as the test split."""
     if root is None:
         raise DatasetError(
             "imagefolder needs --data-root DIR holding one sub-folder per class "
             "(optionally inside train/ and test/)"
         )
-    base = Path(root)
-    folder = base / split if (base / split).is_dir() else base
-    if not folder.is_dir():
-        raise DatasetError(f"image folder not found: {folder}")
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in SPLITS)
-    if not classes:
-        raise DatasetError(f"no class sub-folders in {folder}: expected {folder}/CLASS/IMAGE")
     if on_error not in ("skip", "fail"):
         raise DatasetError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+    base = Path(root)
+    if not base.is_dir():
+        raise DatasetError(f"image folder not found: {base}")
+    train_dir = base / "train" if (base / "train").is_dir() else base
+    if (base / "test").is_dir() and train_dir == base:
+        raise DatasetError(f"{base} has test/ but no train/: put the training images in train/")
     size = (image_size, image_size) if image_size else None
-    images, labels, skipped = [], [], []
+    if (base / "test").is_dir():
+        train_classes = _class_folders(train_dir)
+        if split == "train":
+            return _read_image_folder(train_dir, train_classes, channels, size, on_error)[0]
+        test_classes = _class_folders(base / "test")
+        if test_classes != train_classes:
+            raise DatasetError(
+                f"{base}/test has classes {', '.join(test_classes)} but train/ has "
+                f"{', '.join(train_classes)}: they must be the same folders"
+            )
+        # Test images take the training images' size, as the model will expect.
+        size = size or _read_image_folder(train_dir, train_classes, channels, None, "skip", 1)[1]
+        return _read_image_folder(base / "test", test_classes, channels, size, on_error)[0]
+    # No separate test images: hold out a fixed stratified part, so that test accuracy is never
+    # measured on images the model trained on.
+    whole = _read_image_folder(train_dir, _class_folders(train_dir), channels, size, on_error)[0]
+    kept, held = stratified_split(whole.labels, IMAGEFOLDER_TEST_FRACTION, seed=0)
+    part = whole.subset(held if split == "test" else kept)
+    part.mean, part.std = channel_stats(part.images)  # its own statistics, not the whole's
+    return part
+
+
+def _class_folders(folder: Path) -> list[str]:
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in SPLITS)
+    if len(classes) < 2:
+        found = f"only {classes[0]!r}" if classes else "none"
+        raise DatasetError(
+            f"{folder} needs a sub-folder per class, at least two ({found}): {folder}/CLASS/IMAGE"
+        )
+    return classes
+
+
+def _read_image_folder(
+    folder: Path,
+    classes: list[str],
+    channels: int,
+    size: tuple[int, int] | None,
+    on_error: str,
+    limit: int | None = None,
+) -> tuple[ImageDataset, tuple[int, int]]:
+    """The images of ``folder/CLASS/*`` (at most ``limit``) and the size they all have."""
+    images, labels = [], []
     for label, cls in enumerate(classes):
         for path in sorted((folder / cls).iterdir()):
             if path.suffix.lower() not in _IMAGE_SUFFIXES:
@@ -379,16 +489,21 @@ def _load_imagefolder(
             except DatasetError as exc:
                 if on_error == "fail":
                     raise
-                skipped.append(str(path))
-                print(f"resunit: skipping unreadable image {path}: {exc}")
+                # stderr: stdout may be JSON that a script reads.
+                print(f"resunit: skipping unreadable image {path}: {exc}", file=sys.stderr)
                 continue
             if size is None:  # the first image fixes the size of all the others
                 size = (image.shape[1], image.shape[2])
             images.append(image)
             labels.append(label)
-    if not images:
+            if limit is not None and len(images) >= limit:
+                break
+        if limit is not None and len(images) >= limit:
+            break
+    if not images or size is None:
         raise DatasetError(f"no readable images under {folder}")
-    return ImageDataset(torch.stack(images), torch.tensor(labels), classes, "imagefolder")
+    dataset = ImageDataset(torch.stack(images), torch.tensor(labels), classes, "imagefolder")
+    return dataset, size
 
 
 _LOADERS = {
@@ -500,6 +615,8 @@ def download_dataset(
     target = root / folder_name
     if target.is_dir():
         return target
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"--root {root} is a file; give a directory")
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
         archive = Path(tmp) / "archive.tar.gz"
@@ -513,7 +630,7 @@ def download_dataset(
                     digest.update(chunk)
                     bar.update(len(chunk))
                 bar.close()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: not a URL at all
             raise DatasetError(f"download of {url} failed: {exc}") from None
         if digest.hexdigest() != md5:
             raise DatasetError(
@@ -523,13 +640,27 @@ def download_dataset(
         extracted = Path(tmp) / "extracted"
         try:
             with tarfile.open(archive) as tar:
-                tar.extractall(extracted, filter="data")
+                _extract_safely(tar, extracted)
         except (tarfile.TarError, OSError) as exc:
-            raise DatasetError(f"cannot extract {url}: {exc}") from None
+            reason = " ".join(str(exc).split())  # tarfile's messages span several lines
+            raise DatasetError(f"cannot extract {url}: {reason}") from None
         if not (extracted / folder_name).is_dir():
             raise DatasetError(f"{url} does not contain {folder_name}/")
         os.replace(extracted / folder_name, target)
     return target
+
+
+def _extract_safely(tar: tarfile.TarFile, folder: Path) -> None:
+    """Extract only plain files and folders inside ``folder`` (no links, devices or ``..``)."""
+    if hasattr(tarfile, "data_filter"):  # Python 3.10.12+, 3.11.4+
+        tar.extractall(folder, filter="data")
+        return
+    members = tar.getmembers()
+    for member in members:
+        inside = (folder / member.name).resolve().is_relative_to(folder.resolve())
+        if not inside or not (member.isfile() or member.isdir()):
+            raise tarfile.TarError(f"refusing archive member {member.name!r}")
+    tar.extractall(folder, members=members)
 
 
 def _progress_bar(total: int, desc: str, enabled: bool) -> Any:

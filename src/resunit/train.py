@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from resunit.checkpoint import read_checkpoint, save_checkpoint
 from resunit.data import ImageDataset, augment, load_dataset, normalize
-from resunit.errors import CheckpointError, ConfigError, TrainingError
+from resunit.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from resunit.models import create_model
 
 SCHEDULES = ("multistep", "cosine", "onecycle", "constant")
@@ -151,6 +151,24 @@ def validate_config(config: TrainConfig) -> None:
         (config.batch_size >= 1, f"batch size must be ≥ 1, got {config.batch_size}"),
         (config.lr > 0 and math.isfinite(config.lr), f"lr must be > 0, got {config.lr}"),
         (config.weight_decay >= 0, f"weight decay must be ≥ 0, got {config.weight_decay}"),
+        (0 <= config.momentum < 1, f"momentum must be in [0, 1), got {config.momentum}"),
+        (
+            config.gamma > 0 and math.isfinite(config.gamma),
+            f"gamma must be > 0, got {config.gamma}",
+        ),
+        (
+            0 <= config.warmup_epochs < math.inf,
+            f"warm-up epochs must be ≥ 0, got {config.warmup_epochs}",
+        ),
+        (
+            config.threads is None or config.threads >= 1,
+            f"threads must be ≥ 1, got {config.threads}",
+        ),
+        (
+            config.input_size is None or config.input_size >= 1,
+            f"input size must be ≥ 1, got {config.input_size}",
+        ),
+        (config.eval_batch_size >= 1, f"eval batch size must be ≥ 1, got {config.eval_batch_size}"),
         (0 <= config.label_smoothing < 1, "label smoothing must be in [0, 1)"),
         (0 <= config.val_fraction < 1, "val fraction must be in [0, 1)"),
         (config.crop_padding >= 0 and config.cutout >= 0, "crop padding and cutout must be ≥ 0"),
@@ -320,10 +338,32 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for, but no CUDA GPU is available")
     return device
+
+
+# What a checkpoint needs to be resumed (``checkpoint_payload`` writes them all).
+_RESUME_KEYS = (
+    "config",
+    "model",
+    "optimizer",
+    "scheduler",
+    "epoch",
+    "epoch_step",
+    "best_score",
+    "best_epoch",
+    "data_rng",
+    "torch_rng",
+)
+
+
+def global_step_of(state: dict[str, Any]) -> int:
+    """The number of optimiser steps a resumable checkpoint has taken."""
+    return int(state["scheduler"]["step"])
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -370,6 +410,11 @@ def load_data(config: TrainConfig) -> tuple[ImageDataset, ImageDataset | None, I
         else None
     )
     test_set = load_dataset(config.data, "test", config.data_root, **config.data_options)
+    if test_set.classes != train_set.classes:
+        raise DatasetError(
+            f"{config.data}: the test split's classes ({', '.join(test_set.classes[:6])}…) are "
+            f"not the training split's ({', '.join(train_set.classes[:6])}…)"
+        )
     # One normalisation for all splits: the training images' statistics, as at deployment.
     for other in (val_set, test_set):
         if other is not None:
@@ -406,8 +451,12 @@ def train(config: TrainConfig, progress: bool = True, resume: str | None = None)
     if resume is not None:
         run_dir = Path(resume)
         state = read_checkpoint(run_dir / "last.pt")
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{run_dir / 'last.pt'} is not a resumable resunit checkpoint")
+        missing = [key for key in _RESUME_KEYS if key not in state]
+        if state.get("format") != CHECKPOINT_FORMAT or missing:
+            lacking = f" (it lacks {', '.join(missing)})" if missing else ""
+            raise CheckpointError(
+                f"{run_dir / 'last.pt'} is not a resumable resunit checkpoint{lacking}"
+            )
         names = {f.name for f in fields(TrainConfig)}
         saved = {k: v for k, v in state["config"].items() if k in names}
         config = TrainConfig(**saved)
@@ -415,6 +464,8 @@ def train(config: TrainConfig, progress: bool = True, resume: str | None = None)
     else:
         validate_config(config)
         run_dir = _new_run_dir(config)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"--out {run_dir} is a file; give a directory for the run")
         if (run_dir / "last.pt").exists():
             raise ConfigError(
                 f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose "
@@ -463,10 +514,19 @@ def train(config: TrainConfig, progress: bool = True, resume: str | None = None)
     carried: dict[str, float] = {}
     history: list[dict[str, Any]] = []
     if state is not None:
-        model.load_state_dict(state["model"])
+        if global_step_of(state) >= total_steps:
+            raise ConfigError(f"{run_dir} has finished its {total_steps} steps: nothing to resume")
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError:
+            raise CheckpointError(
+                f"{run_dir / 'last.pt'} no longer fits its data: the run was trained with "
+                f"{state['config'].get('num_classes')} classes and {config.data} now has "
+                f"{train_set.num_classes}"
+            ) from None
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, epoch_step = int(state["epoch"]), int(state["epoch_step"])
-        global_step = int(state["scheduler"]["step"])
+        global_step = global_step_of(state)
         best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
         data_rng_state = state["data_rng"] if epoch_step else None
         carried = dict(state.get("epoch_totals") or {})

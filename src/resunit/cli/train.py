@@ -67,7 +67,8 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--val-fraction",
         type=float,
-        help="carve this fraction of train as validation (picks best.pt)",
+        help="carve this fraction of train as validation, on which best.pt is picked "
+        "(without one, best.pt is the epoch of best training accuracy; never the test set)",
     )
     g.add_argument("--input-size", type=int, help="resize images to N×N before the model")
     g.add_argument(
@@ -75,8 +76,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         metavar="KEY=VALUE",
         dest="data_options",
-        help="dataset option, repeatable: image_size=32 and on_error=skip|fail "
-        "(imagefolder); num_samples, image_size, num_classes (synthetic)",
+        help="dataset option, repeatable: image_size=32, channels=1|3 and on_error=skip|fail "
+        "(imagefolder); num_samples, image_size, num_classes, channels, seed (synthetic); "
+        "val_seed (any)",
     )
     g = p.add_argument_group("speed and reproducibility")
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto")
@@ -108,7 +110,8 @@ def _default_text(name: str) -> str:
     """Where an option's value comes from when it is not given: recipe, else built-in."""
 
     def show(value: Any) -> str:
-        text = "off" if value in (None, False) else "on" if value is True else str(value)
+        # `is`, not `in`/`==`: 0 == False, and a default of 0 (seed) is a number, not "off".
+        text = "off" if value is None or value is False else "on" if value is True else str(value)
         return text.replace("%", "%%")  # argparse formats help strings with %
 
     builtin = getattr(TrainConfig(), name)
@@ -163,6 +166,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         given = [name for name in _TRAIN_OPTIONS if getattr(args, name) is not None]
+        given += ["data_option"] * bool(args.data_options)
         if given or args.recipe:
             options = ", ".join(
                 "--" + n.replace("_", "-") for n in given + ["recipe"] * bool(args.recipe)
@@ -237,7 +241,13 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="a best.pt or last.pt from `resunit train`")
     p.add_argument("--data", choices=DATASETS, help="dataset (default: the one it was trained on)")
     p.add_argument("--data-root", help="directory holding the dataset")
-    p.add_argument("--split", default="test", choices=("train", "test"), help="which split")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=("train", "val", "test"),
+        help="which split (val: the part of train the run held out, when it did; train then "
+        "excludes it)",
+    )
     p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
     p.add_argument("--plot", help="confusion-matrix PNG path (default: next to the checkpoint)")
     add_json_flag(p)
@@ -248,10 +258,14 @@ def run_eval(args: argparse.Namespace) -> int:
     from resunit.checkpoint import load_model
     from resunit.train import evaluate
 
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be ≥ 1, got {args.batch_size}")
     model, config = load_model(args.checkpoint)
     data = args.data or config.get("data", "digits")
     root = args.data_root or config.get("data_root")
     options = dict(config.get("data_options") or {}) if data == config.get("data") else {}
+    if data == config.get("data"):  # the same train/val partition as the run
+        options["val_fraction"] = config.get("val_fraction", 0.0)
     if data == "imagefolder":  # images of the size the model was trained on
         options.setdefault("image_size", config["image_size"][0])
         options.setdefault("channels", config["in_chans"])
@@ -260,6 +274,11 @@ def run_eval(args: argparse.Namespace) -> int:
         raise DatasetError(
             f"{data} has {dataset.num_classes} classes × {dataset.in_chans} channels but the "
             f"checkpoint expects {config['num_classes']} × {config['in_chans']}"
+        )
+    if config.get("classes") and list(dataset.classes) != list(config["classes"]):
+        raise DatasetError(
+            f"{data} has classes {_short(dataset.classes)} but the checkpoint was trained on "
+            f"{_short(config['classes'])}"
         )
     # Normalise exactly as in training, whatever this dataset's own statistics are.
     dataset.mean, dataset.std = tuple(config["mean"]), tuple(config["std"])
@@ -281,6 +300,8 @@ def run_eval(args: argparse.Namespace) -> int:
         result["confusion_png"] = str(plot)
     except ImportError:
         result["confusion_png"] = None
+    except OSError as exc:
+        raise ConfigError(f"cannot write the confusion matrix to {plot}: {exc.strerror}") from None
     result.update(checkpoint=args.checkpoint, data=data, split=args.split)
     if args.json:
         print_json(result)
@@ -302,6 +323,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if result["confusion_png"]:
         print(f"\nconfusion matrix plot: {result['confusion_png']}")
     return 0
+
+
+def _short(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f" … ({len(names)})" if len(names) > limit else "")
 
 
 # --- predict --------------------------------------------------------------------------------
