@@ -44,10 +44,10 @@ import torch
 from machine import cpu_load, describe_machine, measure_gemm_gflops
 from results_file import write_results
 from resunit import deploy
-from resunit.models import create_model
+from resunit.models import create_model, default_input_shape
 
 RESULTS = Path(__file__).parent / "results"
-DEFAULT_MODELS = {"resnet18": 224, "resnet50": 224, "resnet20": 32}
+DEFAULT_MODELS = ("resnet18", "resnet50", "resnet20")  # each at its own input size
 # Ours; "best float32" is the fastest of them.
 FLOAT_VARIANTS = ("folded", "folded_cl", "compiled", "onednn_graph")
 # The peer: ONNX Runtime float32, with and without spinning threads; the faster is the reference.
@@ -230,9 +230,11 @@ def main() -> None:
     # As a serving process would: without it, every large activation is page-faulted in again
     # on every call (see resunit.deploy.retain_freed_memory). ONNX Runtime has its own arena.
     retained = deploy.retain_freed_memory()
-    models = {m: DEFAULT_MODELS.get(m, 224) for m in args.models.split(",") if m}
+    models = {m: default_input_shape(m)[-1] for m in args.models.split(",") if m}
     batches = [int(b) for b in args.batches.split(",")]
     variants = [v for v in args.variants.split(",") if v]
+    if "eager" not in variants:  # every ratio is also given to the plain eager model
+        variants.insert(0, "eager")
     started = dt.datetime.now(dt.timezone.utc)
     machine = describe_machine(args.threads)
     print(machine.describe(), file=sys.stderr)

@@ -115,10 +115,40 @@ def test_bench_table_includes_onnxruntime(capsys):
     [
         (["resnet9000"], "unknown model"),
         (["resnet20", "--batch", "0"], "--batch"),
-        (["resnet20", "--variants", "eager,warp"], "unknown variant"),
+        (["resnet20", "--variants", "eager,warp"], "--variants takes some of"),
+        (["resnet20", "--variants", ","], "--variants takes some of"),
+        (["resnet20", "--variants", "int8"], "benchmarks/inference.py"),
     ],
 )
 def test_bench_user_errors_are_one_line_and_exit_2(extra, message, capsys):
     assert main(["bench", *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@needs_onnx
+def test_a_failed_check_leaves_no_file_and_keeps_the_previous_export(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"an earlier, good export")
+    monkeypatch.setattr(deploy, "relative_difference", lambda actual, expected: 1.0)
+    assert main(["export", "--checkpoint", str(checkpoint), "--onnx", str(out)]) == 2
+    assert "not trustworthy" in capsys.readouterr().err
+    assert out.read_bytes() == b"an earlier, good export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temporary left
+
+
+@needs_onnx
+@pytest.mark.parametrize("kind", ["directory", "under_a_file", "empty", "int8_not_square"])
+def test_export_output_and_shape_mistakes_are_one_line(checkpoint, tmp_path, capsys, kind):
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir").mkdir()
+    out = {"directory": "adir", "under_a_file": "afile/m.onnx", "empty": ""}.get(kind, "m.onnx")
+    argv = ["export", "--checkpoint", str(checkpoint), "--onnx", str(tmp_path / out) if out else ""]
+    if kind == "int8_not_square":
+        argv += ["--int8", "--input", "1x8x16"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]

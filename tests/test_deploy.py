@@ -408,3 +408,13 @@ def test_pt2e_int8_model_is_close_to_float_for_any_batch():
     x = torch.randn(3, 1, 8, 8, generator=g)
     with torch.no_grad():
         assert relative_difference(int8(x), model(x)) <= 0.1
+
+
+@needs_onnx
+def test_verify_onnx_never_passes_non_finite_outputs(tmp_path):
+    model = _model("resnet20")
+    path = deploy.export_onnx(model, tmp_path / "m.onnx", (3, 32, 32))
+    with torch.no_grad():
+        model.fc.weight.fill_(float("nan"))  # PyTorch's output is NaN, ONNX Runtime's is not
+    with pytest.raises(DeployError, match="not trustworthy"):
+        deploy.verify_onnx(path, model, (3, 32, 32), batch_sizes=(1,))

@@ -7,9 +7,7 @@ write is atomic (temporary file, fsync, rename); every failure becomes a
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from resunit.atomic import atomic_path
 from resunit.errors import CheckpointError, ResunitError
 from resunit.models import ResNet, create_model
 
@@ -28,6 +27,9 @@ _STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "model_state")
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a checkpoint file as plain tensors and containers; code in it is refused."""
     path = Path(path)
+    if path.is_dir():
+        hint = " such as best.pt or last.pt in it" if (path / "best.pt").is_file() else ""
+        raise CheckpointError(f"{path} is a directory: give a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -41,15 +43,25 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
                 f"{path} contains Python objects that are not plain weights; refusing to load it "
                 "(loading would execute code from the file)"
             ) from None
-        first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated or corrupt?): {first_line}"
+            f"{path} is not a readable checkpoint (truncated or corrupt?): {_reason(exc)}"
         ) from None
     if not isinstance(payload, Mapping):
         raise CheckpointError(
             f"{path} holds a {type(payload).__name__}, not a checkpoint dictionary"
         )
     return dict(payload)
+
+
+def _reason(exc: Exception) -> str:
+    """The line of torch's error that says what is wrong, without its advice to retry with
+    ``weights_only=False`` (which would run any code in the file)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error"):
+            return line
+    useful = [line for line in lines if "weights_only" not in line and "trust" not in line]
+    return useful[0] if useful else type(exc).__name__
 
 
 def extract_state_dict(payload: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -132,39 +144,13 @@ def _short_list(keys: list[str], limit: int = 5) -> str:
 
 
 def save_checkpoint(payload: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``payload`` with ``torch.save`` atomically: temporary file, flush, fsync, rename.
+    """Write ``payload`` with ``torch.save`` atomically (see :func:`resunit.atomic.atomic_path`).
 
     A crash at any moment leaves either the previous file or the new one, never half of one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(payload), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_directory(path.parent)
-    return path
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; not every platform can open a directory.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_path(path) as tmp:
+        torch.save(dict(payload), tmp)
+    return Path(path)
 
 
 def load_model(path: str | os.PathLike[str]) -> tuple[ResNet, dict[str, Any]]:

@@ -14,6 +14,7 @@ import itertools
 import math
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -499,7 +500,9 @@ def verify_onnx(
             raise DeployError(
                 f"ONNX Runtime cannot run {path} on a batch of {batch}: {exc}"
             ) from None
-        worst = max(worst, relative_difference(actual, expected))
+        difference = relative_difference(actual, expected)
+        # max() would pass NaN over (max(0.0, nan) is 0.0): a non-finite output never matches.
+        worst = max(worst, difference if math.isfinite(difference) else math.inf)
     check = OnnxCheck(str(path), list(batch_sizes), worst, tolerance)
     if not check.passed:
         raise DeployError(
@@ -536,14 +539,7 @@ def quantize(
     ``.onnx`` file) or to a temporary directory that lives as long as the process.
     """
     _require_onnx()
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization import CalibrationMethod
 
     methods = {
         "minmax": CalibrationMethod.MinMax,
@@ -563,8 +559,28 @@ def quantize(
         chunks = list(torch.cat(batches).split(size))
         batches = chunks[:-1] if len(chunks) > 1 and len(chunks[-1]) < size else chunks
     out = Path(path) if path is not None else _scratch_dir() / "model.int8.onnx"
-    work = out.parent / f".{out.stem}.tmp"
-    work.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem}.") as work_dir:
+        _quantize_static(model, batches, input_shape, Path(work_dir), out, methods[method])
+    return OnnxRuntimeModel(out, threads)
+
+
+def _quantize_static(
+    model: nn.Module,
+    batches: list[Tensor],
+    input_shape: tuple[int, ...],
+    work: Path,
+    out: Path,
+    method: Any,
+) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     float_path = export_onnx(model, work / "float.onnx", input_shape, dynamic_batch=True)
     prepared = work / "prepared.onnx"
     # Shape inference + graph cleanup first, as ONNX Runtime's quantization guide requires.
@@ -588,12 +604,8 @@ def quantize(
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            calibrate_method=methods[method],
+            calibrate_method=method,
         )
-    for leftover in work.iterdir():
-        leftover.unlink()
-    work.rmdir()
-    return OnnxRuntimeModel(out, threads)
 
 
 class _FunctionalReLU(nn.Module):
@@ -656,8 +668,6 @@ _SCRATCH: list[Any] = []
 def _scratch_dir() -> Path:
     # One temporary directory per process for exports nobody asked to keep (benchmarks, int8
     # without a path); removed when the process exits.
-    import tempfile
-
     if not _SCRATCH:
         _SCRATCH.append(tempfile.TemporaryDirectory(prefix="resunit-deploy-"))
     return Path(_SCRATCH[0].name)

@@ -316,6 +316,12 @@ def list_models(family: str | None = None) -> list[str]:
     return [name for name, spec in _REGISTRY.items() if family in (None, spec.family)]
 
 
+def default_input_shape(name: str) -> tuple[int, int, int]:
+    """The RGB input a model of this name is made for: 32×32 for the CIFAR families, else 224."""
+    size = 32 if get_model_spec(name).family.startswith("cifar") else 224
+    return (3, size, size)
+
+
 def get_model_spec(name: str) -> ModelSpec:
     """The registry entry for ``name``; a clear error naming close matches otherwise."""
     try:

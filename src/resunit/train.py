@@ -412,14 +412,50 @@ def load_data(config: TrainConfig) -> tuple[ImageDataset, ImageDataset | None, I
     test_set = load_dataset(config.data, "test", config.data_root, **config.data_options)
     if test_set.classes != train_set.classes:
         raise DatasetError(
-            f"{config.data}: the test split's classes ({', '.join(test_set.classes[:6])}…) are "
-            f"not the training split's ({', '.join(train_set.classes[:6])}…)"
+            f"{config.data}: the test split's classes ({_names(test_set.classes)}) are not the "
+            f"training split's ({_names(train_set.classes)})"
         )
     # One normalisation for all splits: the training images' statistics, as at deployment.
     for other in (val_set, test_set):
         if other is not None:
             other.mean, other.std = train_set.mean, train_set.std
     return train_set, val_set, test_set
+
+
+def load_run_data(
+    config: dict[str, Any], split: str, data: str | None = None, root: str | None = None
+) -> ImageDataset:
+    """``split`` of the data a checkpoint's run trained on, as that run saw it: the same
+    options, train/val partition, image size and normalisation. ``data``/``root`` point to
+    another dataset or location, which must have the same classes and channels."""
+    data = data or config.get("data") or config.get("dataset")
+    if not data:
+        raise DatasetError("the checkpoint does not record its dataset: name one with --data")
+    root = root or config.get("data_root")
+    options: dict[str, Any] = {}
+    if data == config.get("data"):
+        options = {**(config.get("data_options") or {}), "val_fraction": config.get("val_fraction")}
+    if data == "imagefolder":  # images of the size and channels the model was trained on
+        options.setdefault("image_size", config["image_size"][0])
+        options.setdefault("channels", config["in_chans"])
+    dataset = load_dataset(data, split, root, **options)
+    if dataset.num_classes != config["num_classes"] or dataset.in_chans != config["in_chans"]:
+        raise DatasetError(
+            f"{data} has {dataset.num_classes} classes × {dataset.in_chans} channels but the "
+            f"checkpoint expects {config['num_classes']} × {config['in_chans']}"
+        )
+    if config.get("classes") and list(dataset.classes) != list(config["classes"]):
+        raise DatasetError(
+            f"{data} has classes {_names(dataset.classes)} but the checkpoint was trained on "
+            f"{_names(config['classes'])}"
+        )
+    # Normalise exactly as in training, whatever this dataset's own statistics are.
+    dataset.mean, dataset.std = tuple(config["mean"]), tuple(config["std"])
+    return dataset
+
+
+def _names(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f" … ({len(names)})" if len(names) > limit else "")
 
 
 def checkpoint_config(

@@ -50,7 +50,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: s
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
 
 
-def add_json_flag(parser: argparse.ArgumentParser) -> None:
+def add_json_flag(parser: argparse.ArgumentParser, instead_of: str = "a table") -> None:
     parser.add_argument(
-        "--json", action="store_true", help="print machine-readable JSON instead of a table"
+        "--json", action="store_true", help=f"print machine-readable JSON instead of {instead_of}"
     )

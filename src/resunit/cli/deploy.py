@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from resunit.atomic import atomic_path
 from resunit.cli.common import add_json_flag, format_table, print_json
 from resunit.errors import ConfigError
 
@@ -36,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dynamic-batch", action="store_true", help="leave the batch dimension symbolic"
     )
     export.add_argument(
-        "--int8", action="store_true", help="write a statically quantized int8 model instead"
+        "--int8",
+        action="store_true",
+        help="write a statically quantized int8 model instead (its batch dimension is dynamic)",
     )
     export.add_argument(
         "--calibration-batches",
@@ -52,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="percentile",
         help="int8: how activation ranges are chosen (default percentile: 99.999%%)",
     )
-    add_json_flag(export)
+    add_json_flag(export, instead_of="text")
     export.set_defaults(handler=run_export)
 
     bench = subparsers.add_parser(
@@ -102,32 +105,40 @@ def run_export(args: argparse.Namespace) -> int:
     input_shape = (
         deploy.parse_input_shape(args.input) if args.input else _checkpoint_input_shape(config)
     )
-    out = Path(args.onnx)
+    out = _output_path(args.onnx)
+    if args.int8 and input_shape[1] != input_shape[2]:
+        raise ConfigError(f"--int8 needs a square --input (H = W), got {_shape_text(input_shape)}")
     result: dict[str, Any] = {
         "checkpoint": str(args.checkpoint),
         "model": config.get("model"),
         "input": list(input_shape),
         "dynamic_batch": bool(args.dynamic_batch or args.int8),
     }
-    if not args.int8:
-        deploy.export_onnx(model, out, input_shape, dynamic_batch=args.dynamic_batch)
-        batch_sizes = (1, 3) if args.dynamic_batch else (1,)
-        check = deploy.verify_onnx(out, model, input_shape, batch_sizes=batch_sizes)
-        result.update(_check_summary(out, check))
-    else:
-        result.update(
-            _export_int8(
-                model, config, input_shape, out, args.calibration_batches, args.calibration
+    # Written beside `out` and renamed only once checked: a failed check leaves no file, and
+    # an earlier good export at that path stays as it was.
+    with atomic_path(out) as tmp:
+        if not args.int8:
+            deploy.export_onnx(model, tmp, input_shape, dynamic_batch=args.dynamic_batch)
+            batch_sizes = (1, 3) if args.dynamic_batch else (1,)
+            check = deploy.verify_onnx(tmp, model, input_shape, batch_sizes=batch_sizes)
+            result.update(_check_summary(out, check))
+        else:
+            result.update(
+                _export_int8(
+                    model, config, input_shape, tmp, args.calibration_batches, args.calibration
+                )
             )
-        )
+            result["onnx"] = str(out)
     if args.json:
         print_json(result)
         return 0
     print(f"wrote {out} ({result['format']}, input {_shape_text(input_shape)})")
+    checked = " the float32 graph (before quantization)" if args.int8 else ""
+    batches = ", ".join(map(str, result["verified_batches"]))
     print(
-        f"verified in ONNX Runtime: max difference {result['max_relative_difference']:.1e} "
-        f"relative to PyTorch on random inputs (batch {result['verified_batches']}; "
-        f"tolerance {result['tolerance']:.0e})"
+        f"verified{checked} in ONNX Runtime: max difference "
+        f"{result['max_relative_difference']:.1e} relative to PyTorch on random inputs "
+        f"(batch {batches}; tolerance {result['tolerance']:.0e})"
     )
     if args.int8:
         before, after = result["accuracy_float32"], result["accuracy_int8"]
@@ -137,6 +148,18 @@ def run_export(args: argparse.Namespace) -> int:
             f"({(after - before) * 100:+.2f} points, {result['test_images']} images)"
         )
     return 0
+
+
+def _output_path(text: str) -> Path:
+    """``--onnx``'s path, checked before any work: a file name in a directory we can create."""
+    out = Path(text)
+    if not text.strip() or out.is_dir():
+        raise ConfigError(f"--onnx needs a file name, got {text!r}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the folder for {out}: {exc.strerror}") from None
+    return out
 
 
 def _check_summary(path: Path, check: Any) -> dict[str, Any]:
@@ -159,13 +182,11 @@ def _export_int8(
     method: str,
 ) -> dict[str, Any]:
     from resunit import deploy
-    from resunit.data import load_dataset
-    from resunit.train import evaluate, prepare_batch
+    from resunit.train import evaluate, load_run_data, prepare_batch
 
-    dataset_name = config.get("data") or config.get("dataset") or "digits"
-    root = config.get("data_root")
-    train_set = load_dataset(dataset_name, "train", root)
-    test_set = load_dataset(dataset_name, "test", root)
+    # The data as the run saw it: same options and partition, its training normalisation.
+    train_set = load_run_data(config, "train")
+    test_set = load_run_data(config, "test")
     input_size = input_shape[-1]
     # A seeded sample of the training split: every class, never the test images.
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
@@ -188,6 +209,7 @@ def _export_int8(
     summary.update(
         {
             "format": "int8 (static, per-channel, QDQ)",
+            "verified_graph": "float32, before quantization",
             "dataset": test_set.name,
             "calibration_images": count,
             "calibration_method": method,
@@ -225,9 +247,9 @@ def _parse_batches(text: str) -> list[int]:
 
 def run_bench(args: argparse.Namespace) -> int:
     from resunit import deploy
-    from resunit.models import create_model, get_model_spec
+    from resunit.models import create_model, default_input_shape
 
-    spec = get_model_spec(args.model)  # a clear error for unknown names, before any work
+    default_shape = default_input_shape(args.model)  # a clear error for unknown names, first
     batches = _parse_batches(args.batch)
     if args.repeats < 1:
         raise ConfigError("--repeats must be at least 1")
@@ -235,18 +257,22 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ConfigError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
-    default_size = 32 if spec.family.startswith("cifar") else 224
-    input_shape = (
-        deploy.parse_input_shape(args.input) if args.input else (3, default_size, default_size)
-    )
+    input_shape = deploy.parse_input_shape(args.input) if args.input else default_shape
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    if any(n.startswith("int8") for n in names):
-        raise ConfigError("bench measures float32 variants; int8 is in benchmarks/inference.py")
+    float32 = ", ".join(deploy.FLOAT32_VARIANTS)
+    if not names or any(n not in deploy.FLOAT32_VARIANTS for n in names):
+        raise ConfigError(
+            f"--variants takes some of {float32} (int8 is timed by benchmarks/inference.py), "
+            f"got {args.variants!r}"
+        )
     torch.manual_seed(0)
     model = create_model(args.model, in_chans=input_shape[0]).eval()
     variants, skipped = deploy.build_variants(
         model, input_shape, names, threads=torch.get_num_threads()
     )
+    if not variants:
+        reasons = "; ".join(f"{name}: {why}" for name, why in skipped.items())
+        raise ConfigError(f"none of the variants asked for can run here ({reasons})")
     deploy.retain_freed_memory()
     rows = []
     for batch in batches:

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from resunit.cli.common import add_json_flag, format_table, print_json
-from resunit.data import DATASETS, DOWNLOADS, download_dataset, load_dataset
-from resunit.errors import ConfigError, DatasetError
+from resunit.data import DATASETS, DOWNLOADS, download_dataset
+from resunit.errors import ConfigError
 from resunit.train import RECIPES, SCHEDULES, TrainConfig, make_config
 
 
@@ -256,32 +256,13 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from resunit.checkpoint import load_model
-    from resunit.train import evaluate
+    from resunit.train import evaluate, load_run_data
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be ≥ 1, got {args.batch_size}")
     model, config = load_model(args.checkpoint)
     data = args.data or config.get("data", "digits")
-    root = args.data_root or config.get("data_root")
-    options = dict(config.get("data_options") or {}) if data == config.get("data") else {}
-    if data == config.get("data"):  # the same train/val partition as the run
-        options["val_fraction"] = config.get("val_fraction", 0.0)
-    if data == "imagefolder":  # images of the size the model was trained on
-        options.setdefault("image_size", config["image_size"][0])
-        options.setdefault("channels", config["in_chans"])
-    dataset = load_dataset(data, args.split, root, **options)
-    if dataset.num_classes != config["num_classes"] or dataset.in_chans != config["in_chans"]:
-        raise DatasetError(
-            f"{data} has {dataset.num_classes} classes × {dataset.in_chans} channels but the "
-            f"checkpoint expects {config['num_classes']} × {config['in_chans']}"
-        )
-    if config.get("classes") and list(dataset.classes) != list(config["classes"]):
-        raise DatasetError(
-            f"{data} has classes {_short(dataset.classes)} but the checkpoint was trained on "
-            f"{_short(config['classes'])}"
-        )
-    # Normalise exactly as in training, whatever this dataset's own statistics are.
-    dataset.mean, dataset.std = tuple(config["mean"]), tuple(config["std"])
+    dataset = load_run_data(config, args.split, data, args.data_root)
     result = evaluate(model, dataset, args.batch_size, input_size=config.get("input_size"))
     plot = (
         Path(args.plot)
@@ -323,10 +304,6 @@ def run_eval(args: argparse.Namespace) -> int:
     if result["confusion_png"]:
         print(f"\nconfusion matrix plot: {result['confusion_png']}")
     return 0
-
-
-def _short(names: list[str], limit: int = 6) -> str:
-    return ", ".join(names[:limit]) + (f" … ({len(names)})" if len(names) > limit else "")
 
 
 # --- predict --------------------------------------------------------------------------------
