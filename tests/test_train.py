@@ -332,3 +332,26 @@ def test_imagefolder_run_evaluates_and_predicts_at_its_training_size(tmp_path, c
     Image.fromarray(stripes, "L").save(big)
     assert main(["predict", "--checkpoint", str(run / "last.pt"), str(big), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["classes"][0] == "vertical"
+
+
+def _finite_flag_worker(rank: int, store_file: str, values: list[float], results) -> None:
+    import torch.distributed as dist
+
+    from resunit.train import Distributed, _finite_on_every_rank
+
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
+    try:
+        info = Distributed(rank=rank, world_size=2, local_rank=rank)
+        results[rank] = _finite_on_every_rank(values[rank], info, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("values", "expected"), [([1.0, 2.0], True), ([1.0, math.nan], False)])
+def test_every_rank_stops_when_one_ranks_loss_is_not_finite(tmp_path, values, expected):
+    # A rank that stopped alone would leave the others waiting in DDP's next all-reduce.
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_finite_flag_worker, args=(str(tmp_path / "store"), values, results), nprocs=2)
+    assert dict(results) == {0: expected, 1: expected}

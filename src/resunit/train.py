@@ -646,7 +646,7 @@ def train(config: TrainConfig, progress: bool = True, resume: str | None = None)
                     logits = net(x)
                     loss = criterion(logits.float(), labels)
                 loss_value = loss.item()
-                if not math.isfinite(loss_value):
+                if not _finite_on_every_rank(loss_value, dist_info, device):
                     raise TrainingError(
                         _non_finite_message(loss_value, global_step + 1, epoch, run_dir)
                     )
@@ -775,8 +775,20 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _finite_on_every_rank(value: float, dist_info: Distributed, device: torch.device) -> bool:
+    """Whether ``value`` is finite here and, under DDP, on every other rank too: all ranks must
+    stop at the same step, or those still training wait forever in the next all-reduce."""
+    finite = math.isfinite(value)
+    if not dist_info.enabled:
+        return finite
+    flag = torch.tensor([float(finite)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def _non_finite_message(loss: float, step: int, epoch: int, run_dir: Path) -> str:
-    where = f"loss became {loss} at step {step} (epoch {epoch + 1}); training stopped"
+    whose = f"loss became {loss}" if not math.isfinite(loss) else "another rank's loss diverged"
+    where = f"{whose} at step {step} (epoch {epoch + 1}); training stopped"
     if (run_dir / "last.pt").exists():
         return f"{where}, last good checkpoint kept in {run_dir / 'last.pt'} (try a lower --lr)"
     return f"{where} before any checkpoint was written (try a lower --lr)"
