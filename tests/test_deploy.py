@@ -269,7 +269,7 @@ def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(64 * 2**20 // 4)  # 64 MiB: glibc maps it afresh every time by default
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(json.dumps({"retained": retained, "faults": [faults() for _ in range(10)]}))
+print(json.dumps({"retained": retained, "faults": [faults() for _ in range(20)]}))
 """
 
 
@@ -282,14 +282,16 @@ def test_retain_freed_memory_stops_page_faults_on_reuse(mode):
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     result = json.loads(out.stdout)
-    steady = result["faults"][-5:]  # glibc settles the heap's size in the first 2-3 rounds
+    steady = result["faults"][-10:]  # glibc settles the heap's size in the first rounds
     pages = 64 * 2**20 // resource.getpagesize()
     if mode == "default":
         assert min(steady) > pages // 2  # every round faults the whole block in again
     elif not result["retained"]:
         pytest.skip("not glibc")
     else:
-        assert max(steady) < 100
+        # Reused: most rounds fault nothing. (Now and then the block lands at a new place at
+        # the top of the heap once, and its pages are touched for the first time there.)
+        assert sorted(steady)[len(steady) // 2] < 100 and sum(steady) < 2 * pages
 
 
 def test_unknown_compiler_is_a_config_error():
