@@ -33,3 +33,36 @@ def test_help_runs_as_a_module():
         [sys.executable, "-m", "resunit", "--help"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0 and "models" in result.stdout
+
+
+def test_a_malformed_option_is_one_line_naming_the_command_and_its_help(capsys):
+    # argparse's default would print the whole usage block before the error.
+    try:
+        main(["train", "--epochs", "many"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("a malformed option must stop the command")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("resunit train: error: argument --epochs: invalid int value")
+    assert "resunit train --help" in err
+
+
+def test_output_cut_short_by_its_reader_is_quiet_not_a_traceback():
+    # `resunit ... | head -1`: the reader closes the pipe after one line. The handler writes
+    # far more than a pipe holds, so the writer is certain to meet the closed pipe.
+    handler = "lambda args: print('row\\n' * 2_000_000)"
+    code = (
+        "import sys; from resunit.cli.common import run_command; "
+        f"sys.exit(run_command({handler}, None))"
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert writer.stdout is not None and writer.stderr is not None
+    assert writer.stdout.readline() == b"row\n"
+    writer.stdout.close()
+    err = writer.stderr.read().decode()
+    writer.wait(timeout=60)
+    assert err == "" and writer.returncode == 141

@@ -8,6 +8,7 @@ write is atomic (temporary file, fsync, rename); every failure becomes a
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A damaged header reads as an odd pickle protocol; the error below says more.
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or unsafe files
         text = str(exc)
         # Code in a pickle shows up as a global (a function or class) the safe unpickler will
@@ -54,14 +58,18 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _reason(exc: Exception) -> str:
-    """The line of torch's error that says what is wrong, without its advice to retry with
-    ``weights_only=False`` (which would run any code in the file)."""
+    """The first sentence of torch's error that says what is wrong, without its advice to
+    retry with ``weights_only=False`` (which would run any code in the file)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in lines:
-        if line.startswith("WeightsUnpickler error"):
-            return line
-    useful = [line for line in lines if "weights_only" not in line and "trust" not in line]
-    return useful[0] if useful else type(exc).__name__
+    unpickler = [line for line in lines if line.startswith("WeightsUnpickler error")]
+    useful = unpickler or [line for line in lines if "weights_only" not in line]
+    useful = [line for line in useful if "trust" not in line]
+    if not useful:
+        return type(exc).__name__
+    sentence = useful[0].split(". ")[0].rstrip(".")
+    if len(sentence.split()) < 3:  # a bare offset or key says nothing without its kind
+        sentence = f"{type(exc).__name__} {sentence}"
+    return sentence[:160]
 
 
 def extract_state_dict(payload: Mapping[str, Any]) -> dict[str, Tensor]:

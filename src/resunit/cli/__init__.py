@@ -12,13 +12,13 @@ from collections.abc import Sequence
 
 from resunit import __version__
 from resunit.cli import deploy, inspect, train, zoo
-from resunit.cli.common import run_command
+from resunit.cli.common import OneLineErrorParser, run_command
 
 COMMAND_MODULES = [zoo, train, deploy, inspect]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="resunit",
         description=(
             "Residual networks in PyTorch: build them, train them on real images, "

@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from resunit.errors import ResunitError
 
 USAGE_ERROR = 2
+# What a shell reports for a process killed by SIGPIPE; the reader (`| head`) went away.
+BROKEN_PIPE = 128 + 13
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr, like every other error.
+
+    argparse's default prints the whole usage block first; the line below names the command
+    and points at its ``--help`` instead, so the error itself is what the user sees.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def run_command(
@@ -25,6 +39,12 @@ def run_command(
     except KeyboardInterrupt:
         print("resunit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Output piped into `head` and the like: the reader has all it wanted. Point stdout
+        # at /dev/null so the interpreter's final flush does not raise a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return BROKEN_PIPE
 
 
 def print_json(payload: Any) -> None:
