@@ -3,6 +3,9 @@ lesions against hand-built forwards, gradient norms against autograd in float64.
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -130,6 +133,37 @@ def test_block_walk_rejects_impossible_units():
         make_unit(64, 130, block="bottleneck")
     with pytest.raises(ConfigError, match="unknown block"):
         make_unit(64, 128, block="dense")
+    # A negative size is reported as such, not as "not a multiple of 4".
+    with pytest.raises(ConfigError, match="must be ≥ 1, got 64, -130 and 1"):
+        make_unit(64, -130, block="bottleneck")
+
+
+def test_bottleneck_walk_lists_its_reused_relu_plainly():
+    # Bottleneck.residual calls its one nn.ReLU after bn1 and after bn2: both steps are
+    # ReLUs of the residual branch itself; nothing is shared with another branch.
+    with torch.device("meta"):
+        unit = make_unit(256, 512, 2, "bottleneck")
+    steps = inspect_unit(unit, 28)["steps"]
+    relus = [s for s in steps if s["layer"] == "relu"]
+    assert [(s["branch"], s["module"], s["params"]) for s in relus] == [
+        ("residual", "ReLU", 0),
+        ("residual", "ReLU", 0),
+    ]
+    assert relus[0]["output_shape"] == [128, 28, 28] and relus[1]["output_shape"] == [128, 14, 14]
+    assert not any("shared" in s["module"] for s in steps)
+
+
+def test_preact_projection_walk_marks_the_bn_it_shares_with_the_residual_branch():
+    # A pre-activation projection reads bn1+ReLU of the residual branch: the shortcut walk
+    # passes bn1 again, says so, and counts its parameters once (in the residual branch).
+    with torch.device("meta"):
+        unit = make_unit(64, 128, 2, "preact_basic")
+    steps = inspect_unit(unit, 28)["steps"]
+    bn1 = [s for s in steps if s["layer"] == "bn1"]
+    assert [(s["branch"], s["module"], s["params"]) for s in bn1] == [
+        ("residual", "batch norm (64) + ReLU", 128),
+        ("shortcut", "batch norm (64) + ReLU (shared with the residual branch)", 0),
+    ]
 
 
 @pytest.mark.parametrize("text", ["3x224x224", "3×224×224", "3,224,224", " 3X224X224 "])
@@ -292,3 +326,55 @@ def test_gradient_flow_compares_same_layers_of_both_versions(digits_test, digits
     assert flow["labels"] == {"residual": "resnet20", "plain": "resnet20 without shortcuts"}
     assert [r["layer"] for r in flow["residual"]] == [r["layer"] for r in flow["plain"]]
     assert all(r["grad_norm"] > 0 for r in flow["residual"] + flow["plain"])
+
+
+# --- plots: atomic, closed, one-line errors ----------------------------------------------------
+
+
+@pytest.fixture
+def pyplot():
+    pytest.importorskip("matplotlib")
+    from resunit import plots
+
+    plt = plots._pyplot()
+    plt.close("all")
+    return plt
+
+
+def test_plot_is_written_whole_and_its_figure_closed(tmp_path, pyplot):
+    from resunit.plots import plot_gradient_flow
+
+    rows = [{"index": 0, "grad_norm": 1.0}, {"index": 1, "grad_norm": 0.5}]
+    # No .png suffix: the format is PNG whatever the name says.
+    path = plot_gradient_flow({"net": rows}, tmp_path / "sub" / "flow.image")
+    assert path.read_bytes().startswith(b"\x89PNG")
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["flow.image"]
+    assert pyplot.get_fignums() == []
+
+
+def test_a_failed_plot_is_one_config_error_and_leaves_nothing(tmp_path, pyplot, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from resunit.plots import plot_gradient_flow
+
+    rows = [{"index": 0, "grad_norm": 1.0}]
+    target = tmp_path / "flow.png"
+    target.write_bytes(b"previous")
+
+    def half_written(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    with pytest.raises(ConfigError, match=r"cannot write the plot .*No space left on device"):
+        plot_gradient_flow({"net": rows}, target)
+    assert target.read_bytes() == b"previous"  # the old file, and no temporary beside it
+    assert [p.name for p in tmp_path.iterdir()] == ["flow.png"]
+    assert pyplot.get_fignums() == []
+
+    monkeypatch.undo()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="cannot write the plot"):
+        plot_gradient_flow({"net": rows}, blocker / "flow.png")
+    assert pyplot.get_fignums() == []

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 
 import pytest
 
 from resunit.checkpoint import load_model
 from resunit.cli import main
+from resunit.cli.inspect import _count
 from resunit.data import load_dataset
 from resunit.train import evaluate, make_config, train
 
@@ -68,6 +72,34 @@ def test_inspect_block_walks_the_example_layer_by_layer(capsys):
     assert "downsample.0" in out and "ReLU(F(x) + shortcut(x))" in out
 
 
+def test_inspect_block_out_channels_and_its_hidden_alias(capsys):
+    base = ["inspect", "block", "--in", "64", "--stride", "1", "--size", "8", "--json"]
+    assert main([*base, "--out-channels", "256", "--block", "bottleneck"]) == 0
+    walk = json.loads(capsys.readouterr().out)
+    assert walk["output_shape"] == [256, 8, 8]
+    assert main([*base, "--out", "256", "--block", "bottleneck"]) == 0  # the old spelling
+    assert json.loads(capsys.readouterr().out) == walk
+    with pytest.raises(SystemExit):
+        main(["inspect", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--out-channels" in help_text
+    assert not re.search(r"--out(?!-channels)", help_text)  # --out is not offered for a unit
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [
+        (999, "999"),
+        (40_551_040, "40.55M"),
+        (1_814_073_344, "1.814G"),
+        (46_080 * 10**9, "46.080T"),
+        (3 * 10**15, "3.000P"),
+    ],
+)
+def test_counts_switch_to_larger_prefixes(n, text):
+    assert _count(n) == text
+
+
 @pytest.mark.parametrize(
     ("argv", "prefix"),
     [
@@ -75,7 +107,15 @@ def test_inspect_block_walks_the_example_layer_by_layer(capsys):
         (["inspect", "resnet18", "--input", "224x224"], "--input must look like"),
         (["inspect", "block", "--block", "bottleneck", "--out", "130"], "a bottleneck unit"),
         (["inspect", "block", "--in", "64", "--out", "32", "--shortcut", "A"], "shortcut 'pad'"),
+        (["inspect", "block", "--out-channels", "-4", "--block", "bottleneck"], "--in, --out-c"),
+        (["inspect", "block", "--size", "0"], "--size must be ≥ 1"),
         (["inspect", "missing.pt"], "checkpoint not found"),
+        # Options of one unit are refused for a whole model instead of being ignored.
+        (["inspect", "resnet18", "--stride", "1"], "--stride applies to a single unit"),
+        (["inspect", "resnet18", "--in", "3", "--size", "64"], "--in, --size apply to a single"),
+        (["inspect", "resnet18", "--out-channels", "10"], "--out-channels applies to a single"),
+        (["inspect", "resnet18", "--block", "basic"], "--block applies to a single unit"),
+        (["inspect", "block", "--input", "3x32x32"], "--input applies to a model"),
     ],
 )
 def test_inspect_user_errors_are_one_line_and_exit_2(argv, prefix, capsys):
@@ -98,6 +138,13 @@ def test_analyze_json_and_files(checkpoint, tmp_path, capsys):
     assert json.loads((out / "analysis.json").read_text()) == result
     for name in ("residual_ratios.png", "lesion.png", "gradient_flow.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG")
+    # Written through temporary files that were all renamed: nothing else is left.
+    assert sorted(os.listdir(out)) == [
+        "analysis.json",
+        "gradient_flow.png",
+        "lesion.png",
+        "residual_ratios.png",
+    ]
 
 
 def test_analyze_table_for_people(checkpoint, capsys):
@@ -145,3 +192,88 @@ def test_experiment_and_report_user_errors(tmp_path, capsys):
     one_error_line(capsys, "")
     assert main(["report", str(tmp_path)]) == 2
     one_error_line(capsys, f"{tmp_path} holds neither")
+
+
+@pytest.fixture
+def no_analysis(monkeypatch):
+    """Fail the test if the analysis starts: options and --out are checked before it."""
+
+    def analysis_started(*args, **kwargs):
+        raise AssertionError("the analysis ran before its options were checked")
+
+    monkeypatch.setattr("resunit.analysis.residual_ratios", analysis_started)
+
+
+@pytest.mark.parametrize("size", ["0", "-5"])
+def test_analyze_refuses_a_batch_size_below_one(checkpoint, tmp_path, size, capsys, no_analysis):
+    out = tmp_path / "analysis"
+    argv = ["analyze", "--checkpoint", str(checkpoint), "--batch-size", size, "--out", str(out)]
+    assert main(argv) == 2
+    one_error_line(capsys, f"--batch-size must be ≥ 1, got {size}")
+    assert not out.exists()
+
+
+def test_analyze_checks_out_before_any_work(checkpoint, tmp_path, capsys, no_analysis):
+    def analyze(out):
+        return main(["analyze", "--checkpoint", str(checkpoint), "--out", str(out)])
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    assert analyze(a_file) == 2
+    one_error_line(capsys, f"--out {a_file} is a file")
+    assert analyze(a_file / "analysis") == 2
+    one_error_line(capsys, f"--out {a_file / 'analysis'} is below {a_file}, which is a file")
+    assert a_file.read_text() == "keep"
+
+    taken = tmp_path / "taken"
+    (taken / "analysis.json").mkdir(parents=True)
+    assert analyze(taken) == 2
+    one_error_line(capsys, f"{taken / 'analysis.json'} is a directory")
+    (taken / "analysis.json").rmdir()
+    (taken / "lesion.png").mkdir()
+    assert analyze(taken) == 2
+    one_error_line(capsys, f"{taken / 'lesion.png'} is a directory")
+    assert os.listdir(taken) == ["lesion.png"]  # no probe or temporary file left behind
+
+
+def test_analyze_out_that_cannot_be_written(checkpoint, tmp_path, capsys, no_analysis, monkeypatch):
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    # What a read-only directory does to anyone but root (the test may run as root).
+    monkeypatch.setattr("resunit.outputs.tempfile.TemporaryFile", denied)
+    out = tmp_path / "analysis"
+    assert main(["analyze", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    one_error_line(capsys, f"cannot write to --out {out}: Permission denied")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes anywhere")
+def test_analyze_out_in_a_read_only_directory(checkpoint, tmp_path, capsys, no_analysis):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        assert main(["analyze", "--checkpoint", str(checkpoint), "--out", str(locked)]) == 2
+        one_error_line(capsys, f"cannot write to --out {locked}: Permission denied")
+        assert main(["analyze", "--checkpoint", str(checkpoint), "--out", str(locked / "a")]) == 2
+        one_error_line(capsys, f"cannot write to --out {locked / 'a'}: Permission denied")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_analyze_a_failed_write_is_one_line_and_leaves_no_file(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    def disk_full(self, fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    out = tmp_path / "analysis"
+    argv = ["analyze", "--checkpoint", str(checkpoint), "--out", str(out), "--limit", "20"]
+    assert main(argv) == 2
+    one_error_line(capsys, "cannot write the plot ")
+    assert os.listdir(out) == []  # neither half a PNG nor its temporary file

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 from resunit.checkpoint import load_model
+from resunit.cli import main
 from resunit.data import load_dataset
 from resunit.errors import ConfigError
 from resunit.experiments import (
@@ -136,3 +138,103 @@ def test_summary_rows_come_from_the_histories():
     assert row == {"model": "plain20", "family": "plain", "depth": 20, "epochs": 2,
                    "final_train_error": 0.25, "last_epoch_train_error": 0.3,
                    "final_test_error": 0.35, "best_test_error": 0.35, "seconds": 2.0}  # fmt: skip
+
+
+# --- user mistakes: one line on stderr, exit code 2, checked before anything is written -------
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith("resunit: error: ")
+    return captured.err
+
+
+def degradation_args(out: Path, *options: str) -> list[str]:
+    return ["experiment", "degradation", "--depths", "20", "--epochs", "1", "--out", str(out),
+            "--quiet", "--json", *options]  # fmt: skip
+
+
+def test_a_mistake_leaves_no_trace_so_the_corrected_rerun_trains(tmp_path, capsys):
+    out = tmp_path / "exp"
+    missing = tmp_path / "no-cifar"
+    err = one_line_error(capsys, degradation_args(out, "--data", "cifar10", "--data-root",
+                                                  str(missing), "--device", "cpu"))  # fmt: skip
+    assert "cifar10 not found" in err
+    err = one_line_error(capsys, degradation_args(out, "--device", "tpu"))
+    assert "unknown device 'tpu'" in err
+    assert not out.exists()  # no experiment.json claiming the directory for those settings
+    # The corrected command is not refused as "other settings": the mistakes wrote nothing.
+    assert main(degradation_args(out, "--device", "cpu")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in summary["networks"]] == ["plain20", "resnet20"]
+    assert json.loads((out / "experiment.json").read_text())["data"] == "digits"
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def _a_file(tmp: Path) -> Path:
+    (tmp / "a-file").write_text("not a folder")
+    return tmp / "a-file"
+
+
+def _below_a_file(tmp: Path) -> Path:
+    return _a_file(tmp) / "exp"
+
+
+def _summary_is_a_folder(tmp: Path) -> Path:
+    (tmp / "exp" / "summary.json").mkdir(parents=True)
+    return tmp / "exp"
+
+
+def _network_is_a_file(tmp: Path) -> Path:
+    (tmp / "exp").mkdir()
+    (tmp / "exp" / "resnet20").write_text("not a folder")
+    return tmp / "exp"
+
+
+def _dangling_link(tmp: Path) -> Path:
+    # Passes every check and fails at the first write (mkdir meets the link): a disk that is
+    # not mounted; the write's OSError is what is reported.
+    (tmp / "exp").symlink_to(tmp / "unmounted")
+    return tmp / "exp"
+
+
+@pytest.mark.parametrize(
+    ("make_out", "message"),
+    [
+        (_a_file, "--out {out} is a file; give a directory"),
+        (_below_a_file, "--out {out} is below {tmp}/a-file, which is a file"),
+        (_summary_is_a_folder, "{out}/summary.json is a directory where the experiment writes"),
+        (_network_is_a_file, "{out}/resnet20 is a file where resnet20 keeps its checkpoints"),
+        (_dangling_link, "cannot write {out}/experiment.json: File exists"),
+    ],
+    ids=["a-file", "below-a-file", "summary-a-folder", "network-a-file", "the-write-fails"],
+)
+def test_an_out_that_cannot_hold_the_experiment_is_one_line(tmp_path, capsys, make_out, message):
+    out = make_out(tmp_path)
+    before = set(tmp_path.rglob("*"))
+    err = one_line_error(capsys, degradation_args(out, "--device", "cpu"))
+    assert message.format(out=out, tmp=tmp_path) in err
+    assert set(tmp_path.rglob("*")) == before  # nothing trained, nothing written, no .tmp
+
+
+def test_a_damaged_experiment_json_is_one_line_and_kept(tmp_path, capsys):
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "experiment.json").write_text('{"experiment": "degrada')
+    err = one_line_error(capsys, degradation_args(out, "--device", "cpu"))
+    assert f"{out / 'experiment.json'} is damaged (not a JSON object): remove it" in err
+    assert (out / "experiment.json").read_text() == '{"experiment": "degrada'
+    assert sorted(p.name for p in out.iterdir()) == ["experiment.json"]
+
+
+def test_a_damaged_history_names_its_file_and_line(tmp_path):
+    history = tmp_path / "resnet20" / "history.jsonl"
+    history.parent.mkdir()
+    record = {"epoch": 1, "train_error": 0.5, "test_error": 0.4, "elapsed_seconds": 1.0}
+    history.write_text(json.dumps(record) + "\n\n" + json.dumps({**record, "test_error": None}))
+    with pytest.raises(ConfigError, match=r"history.jsonl line 3 lacks test_error$"):
+        read_histories(tmp_path)
+    history.write_text(json.dumps(record) + "\n[1, 2]\n")
+    with pytest.raises(ConfigError, match=r"history.jsonl line 2 is not a JSON object"):
+        read_histories(tmp_path)

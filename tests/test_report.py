@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import shutil
 import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from resunit.analysis import analyze_checkpoint
+from resunit.cli import main
 from resunit.errors import ConfigError
 from resunit.experiments import DegradationConfig, run_degradation
 from resunit.report import build_report, write_report
@@ -123,3 +126,131 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
         lo, hi = gray.getextrema()
     assert image.size == (1200, 2000)
     assert hi - lo > 100  # text and plots drawn, not a blank page
+
+
+# --- user mistakes: one line on stderr, exit code 2, nothing written --------------------------
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("resunit: error: ")
+    return captured.err
+
+
+def files_under(path: Path) -> set[Path]:
+    return set(path.rglob("*"))
+
+
+@pytest.fixture
+def run_copy(run_dir, tmp_path):
+    """A copy of the trained run that a test may damage, without a report in it yet."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("report.html"))
+    return copy
+
+
+@pytest.fixture
+def experiment_copy(experiment_dir, tmp_path):
+    copy = tmp_path / "exp"
+    shutil.copytree(experiment_dir, copy, ignore=shutil.ignore_patterns("report.html"))
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("folder", "--out {out} is a directory; give a file name"),
+        ("a-file/report.html", "--out {out} is below {tmp}/a-file, which is a file"),
+        # Passes every check and fails at the write itself: the temporary name beside it is
+        # longer than a file name may be, so the write's OSError is what is reported.
+        ("x" * 250 + ".html", "cannot write {out}: File name too long"),
+    ],
+    ids=["a-directory", "below-a-file", "the-write-fails"],
+)
+def test_an_out_that_cannot_be_written_is_one_line_and_leaves_nothing(
+    run_dir, tmp_path, capsys, out, message
+):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a-file").write_text("not a folder")
+    before, run_before = files_under(tmp_path), files_under(run_dir)
+    err = one_line_error(capsys, ["report", str(run_dir), "--out", str(tmp_path / out)])
+    assert message.format(out=tmp_path / out, tmp=tmp_path) in err
+    assert files_under(tmp_path) == before  # no page, no .tmp file
+    assert files_under(run_dir) == run_before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_an_unwritable_folder_is_one_line(run_dir, tmp_path, capsys):
+    folder = tmp_path / "locked"
+    folder.mkdir(mode=0o555)
+    err = one_line_error(capsys, ["report", str(run_dir), "--out", str(folder / "r.html")])
+    assert f"cannot write {folder / 'r.html'}: Permission denied" in err
+    assert list(folder.iterdir()) == []
+
+
+def _append(path: Path, text: str) -> None:
+    with path.open("a") as f:
+        f.write(text)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "config.json").write_text("{\"model\": "),
+         "config.json is not valid JSON (line 1"),
+        (lambda d: (d / "config.json").write_text("[1, 2]"),
+         "config.json does not hold a JSON object"),
+        (lambda d: (d / "config.json").write_text("{}"), "config.json names no model"),
+        (lambda d: _append(d / "metrics.jsonl", "{\"epoch\": 3,\n"),
+         "metrics.jsonl line {lines} is not valid JSON"),
+        (lambda d: (d / "analysis" / "analysis.json").write_bytes(b"\xff\xfe{"),
+         "analysis.json is not a text file"),
+        (lambda d: (d / "analysis" / "analysis.json").write_text("{\"residual_ratios\": []}"),
+         "analysis.json lacks the field 'mean_ratio_per_stage'"),
+        (lambda d: (d / "summary.json").write_text("{\"test_accuracy\": \"high\"}"),
+         "summary.json holds a field of the wrong type"),
+    ],
+    ids=["config-json", "config-list", "config-no-model", "metrics-line", "analysis-binary",
+         "analysis-fields", "summary-type"],
+)  # fmt: skip
+def test_a_damaged_training_run_is_one_line_naming_the_file(run_copy, capsys, damage, message):
+    lines = len((run_copy / "metrics.jsonl").read_text().splitlines()) + 1  # the appended line
+    damage(run_copy)
+    err = one_line_error(capsys, ["report", str(run_copy)])
+    assert message.format(lines=lines) in err
+    assert str(run_copy) in err  # the full path of the file, so the user can find it
+    assert not (run_copy / "report.html").exists()
+    assert not [p for p in run_copy.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "experiment.json").write_text("{oops"),
+         "experiment.json is not valid JSON (line 1"),
+        (lambda d: (d / "summary.json").write_text("{\"networks\": 3, \"verdict\": \"x\"}"),
+         "summary.json holds a field of the wrong type"),
+        (lambda d: _append(d / "resnet20" / "history.jsonl", "garbage\n"),
+         "resnet20/history.jsonl line 2 is not valid JSON"),
+        (lambda d: _append(d / "plain20" / "history.jsonl", "{\"epoch\": 2}\n"),
+         "plain20/history.jsonl line 2 lacks train_error, test_error, elapsed_seconds"),
+    ],
+    ids=["experiment-json", "summary-fields", "history-line", "history-fields"],
+)  # fmt: skip
+def test_a_damaged_experiment_is_one_line_naming_the_file(experiment_copy, capsys, damage, message):
+    damage(experiment_copy)
+    err = one_line_error(capsys, ["report", str(experiment_copy)])
+    assert f"{experiment_copy}/{message}" in err
+    assert not (experiment_copy / "report.html").exists()
+
+
+def test_the_analysis_hint_names_a_checkpoint_that_exists(experiment_dir, run_copy):
+    # An experiment's networks keep only last.pt; a training run has best.pt as well.
+    page = build_report(experiment_dir)
+    assert f"resunit analyze --checkpoint {experiment_dir / 'resnet20' / 'last.pt'}<" in page
+    assert "best.pt" not in page
+    shutil.rmtree(run_copy / "analysis")
+    page = build_report(run_copy)
+    assert f"resunit analyze --checkpoint {run_copy / 'best.pt'}<" in page

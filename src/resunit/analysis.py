@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from resunit.blocks import BLOCKS, ResidualUnit, describe_shortcut, normalize_shortcut_kind
 from resunit.errors import ConfigError
 from resunit.models import ResNet, count_parameters, create_model, get_model_spec, list_models
+from resunit.outputs import prepare_output_dir, write_json
 
 # --- counting -----------------------------------------------------------------------------
 
@@ -170,13 +170,16 @@ def make_unit(
     if block not in BLOCKS:
         raise ConfigError(f"unknown block {block!r}: choose one of {', '.join(BLOCKS)}")
     cls = BLOCKS[block]
+    if min(in_channels, out_channels, stride) < 1:
+        raise ConfigError(
+            f"--in, --out-channels and --stride must be ≥ 1, got {in_channels}, "
+            f"{out_channels} and {stride}"
+        )
     if out_channels % cls.expansion:
         raise ConfigError(
-            f"a {block} unit outputs {cls.expansion}× its planes: --out must be a multiple of "
-            f"{cls.expansion}, got {out_channels}"
+            f"a {block} unit outputs {cls.expansion}× its planes: --out-channels must be a "
+            f"multiple of {cls.expansion}, got {out_channels}"
         )
-    if min(in_channels, out_channels, stride) < 1:
-        raise ConfigError("--in, --out and --stride must be ≥ 1")
     return cls(in_channels, out_channels // cls.expansion, stride, shortcut=shortcut)
 
 
@@ -198,17 +201,24 @@ def inspect_unit(unit: ResidualUnit, size: int) -> dict[str, Any]:
         summary = _module_summary(module)
         if unit.preactivation and isinstance(module, nn.BatchNorm2d):
             summary += " + ReLU"  # pre-activation units apply ReLU functionally after each BN
-        # A pre-activation projection reads the residual branch's BN–ReLU output: walked
-        # twice, its parameters count once.
-        shared = any(step["_call"][0] is module for step in steps)
+        # A module may run more than once: a bottleneck calls its one parameter-free ``relu``
+        # after bn1 and after bn2 (nothing to say), and a pre-activation projection reads the
+        # residual branch's BN–ReLU output, so the shortcut walk passes bn1 again. Parameters
+        # count at the first call only, and the note says where they were counted.
+        first = next((step for step in steps if step["_call"][0] is module), None)
+        if first is not None and _params(module):
+            if first["branch"] == branch[0]:
+                summary += " (applied again; parameters counted above)"
+            else:
+                summary += f" (shared with the {first['branch']} branch)"
         steps.append(
             {
                 "branch": branch[0],
                 "layer": names[module],
-                "module": summary + (" (shared with the residual branch)" if shared else ""),
+                "module": summary,
                 "input_shape": list(inputs[0].shape[1:]),
                 "output_shape": list(output.shape[1:]),
-                "params": 0 if shared else _params(module),
+                "params": 0 if first is not None else _params(module),
                 "_call": (module, inputs[0].clone()),
             }
         )
@@ -500,6 +510,10 @@ def gradient_flow(
 # --- everything about one trained checkpoint ------------------------------------------------
 
 
+# The files ``analyze_checkpoint`` writes beside analysis.json (see ``_plot_analysis``).
+PLOT_FILES = ("residual_ratios.png", "lesion.png", "gradient_flow.png")
+
+
 def analyze_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -516,12 +530,17 @@ def analyze_checkpoint(
 
     ``data`` defaults to the dataset the checkpoint was trained on; ``limit`` caps the number
     of test images (lesion studies of big test sets are slow on a CPU). Writes
-    ``analysis.json`` (and PNG plots unless ``plots=False``) to ``out_dir`` when given.
+    ``analysis.json`` (and PNG plots unless ``plots=False``) to ``out_dir`` when given; that
+    directory is checked before the analysis starts, so a bad one fails in a second.
     """
     from resunit.checkpoint import load_model
     from resunit.data import load_dataset
     from resunit.train import prepare_batch
 
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be ≥ 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be ≥ 1, got {limit}")
     model, config = load_model(path)
     data = data or config.get("data") or config.get("dataset") or "digits"
     test_set = load_dataset(data, "test", data_root or config.get("data_root"))
@@ -540,10 +559,13 @@ def analyze_checkpoint(
             test_set, mean=tuple(config["mean"]), std=tuple(config["std"])
         )
     if limit is not None:
-        if limit < 1:
-            raise ConfigError(f"--limit must be ≥ 1, got {limit}")
         test_set = test_set.subset(torch.arange(min(limit, len(test_set))))
     input_size = config.get("input_size")
+    # After the cheap checks above (so a typo in --checkpoint creates no directory), before
+    # the minutes of analysis below.
+    out = None
+    if out_dir is not None:
+        out = prepare_output_dir(out_dir, ["analysis.json", *(PLOT_FILES if plots else ())])
 
     def batches() -> Iterator[Tensor]:
         for start in range(0, len(test_set), batch_size):
@@ -577,12 +599,10 @@ def analyze_checkpoint(
         "gradient_flow": flow,
         "plots": {},
     }
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         if plots:
             result["plots"] = _plot_analysis(result, out)
-        (out / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out / "analysis.json", result)
     return result
 
 
@@ -592,14 +612,12 @@ def _plot_analysis(result: dict[str, Any], out: Path) -> dict[str, str]:
     name = result["model"]
     flow = result["gradient_flow"]
     try:
+        ratios_png, lesion_png, flow_png = (out / file for file in PLOT_FILES)
         paths = {
-            "residual_ratios": plots.plot_residual_ratios(
-                result["residual_ratios"], out / "residual_ratios.png"
-            ),
-            "lesion": plots.plot_lesion(result["lesion"], out / "lesion.png", f"Lesion: {name}"),
+            "residual_ratios": plots.plot_residual_ratios(result["residual_ratios"], ratios_png),
+            "lesion": plots.plot_lesion(result["lesion"], lesion_png, f"Lesion: {name}"),
             "gradient_flow": plots.plot_gradient_flow(
-                {flow["labels"][v]: flow[v] for v in ("residual", "plain")},
-                out / "gradient_flow.png",
+                {flow["labels"][v]: flow[v] for v in ("residual", "plain")}, flow_png
             ),
         }
     except ImportError:  # matplotlib is optional ([plot] extra): the numbers are still written

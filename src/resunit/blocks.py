@@ -204,7 +204,9 @@ class ResidualUnit(nn.Module):
         identity = self.shortcut(x)
         out = self.drop_path(self.residual(x))  # stochastic depth drops F(x), never the skip
         if identity is not None:
-            out = out + identity
+            # In place, as torchvision does: F(x) is a fresh tensor that nothing else holds
+            # (BN's backward keeps its input, not its output), so no copy is needed.
+            out += identity
         return self.relu(out)
 
     def zero_init_residual(self) -> None:

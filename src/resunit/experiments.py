@@ -29,6 +29,8 @@ from resunit.checkpoint import read_checkpoint, save_checkpoint
 from resunit.data import ImageDataset, augment, load_dataset
 from resunit.errors import CheckpointError, ConfigError
 from resunit.models import create_model, list_models
+from resunit.outputs import check_output_location, write_json, write_jsonl
+from resunit.report import read_jsonl
 from resunit.train import (
     TrainConfig,
     checkpoint_config,
@@ -102,7 +104,12 @@ def run_degradation(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train every network of ``config`` (resuming what is already in ``config.out``), plot
-    ``degradation.png`` and return (and write to ``summary.json``) the summary."""
+    ``degradation.png`` and return (and write to ``summary.json``) the summary.
+
+    Options, output locations, device and data are all checked before anything is written:
+    ``experiment.json`` marks the directory as this experiment's, so writing it for a run that
+    then fails would refuse the corrected rerun as "other settings".
+    """
     out = Path(config.out)
     names = config.model_names()
     recipe = config.train_config()
@@ -111,14 +118,15 @@ def run_degradation(
     settings.pop("out")
     settings.pop("device")
     settings["recipe"].pop("device")
+    _check_locations(out, names)
     _check_same_experiment(out, settings)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "experiment.json").write_text(json.dumps(settings, indent=2) + "\n")
-
+    resolve_device(recipe.device)
     if recipe.threads:
         torch.set_num_threads(recipe.threads)  # as resunit.train does for the same recipe
     train_set = load_dataset(recipe.data, "train", recipe.data_root)
     test_set = load_dataset(recipe.data, "test", recipe.data_root)
+    write_json(out / "experiment.json", settings)
+
     start = time.perf_counter()
     histories = {}
     for name in names:
@@ -127,14 +135,38 @@ def run_degradation(
     summary = summarize_degradation(histories, recipe)
     summary["seconds_this_session"] = time.perf_counter() - start
     summary["seconds_training"] = sum(h[-1]["elapsed_seconds"] for h in histories.values())
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
+    plot = out / "degradation.png"
     try:
         from resunit.plots import plot_degradation
 
-        plot_degradation(histories, out / "degradation.png")
+        plot_degradation(histories, plot)
     except ImportError:  # matplotlib is optional ([plot] extra)
         log("matplotlib not installed: skipped degradation.png (pip install 'resunit[plot]')")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {plot}: {exc.strerror or exc}") from None
     return summary
+
+
+def _check_locations(out: Path, names: Sequence[str]) -> None:
+    """Refuse, before any training, an ``--out`` whose files could never be written: ``out``
+    or a network's directory being a file, or one of the result files being a directory."""
+    check_output_location(out, "--out", kind="directory")
+    files = [out / "experiment.json", out / "summary.json", out / "degradation.png"]
+    for name in names:
+        run_dir = out / name
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(
+                f"{run_dir} is a file where {name} keeps its checkpoints; remove it or choose "
+                "another --out"
+            )
+        files += [run_dir / "last.pt", run_dir / "history.jsonl"]
+    for path in files:
+        if path.is_dir():
+            raise ConfigError(
+                f"{path} is a directory where the experiment writes a file; remove it or choose "
+                "another --out"
+            )
 
 
 def _check_same_experiment(out: Path, settings: dict[str, Any]) -> None:
@@ -142,7 +174,15 @@ def _check_same_experiment(out: Path, settings: dict[str, Any]) -> None:
     path = out / "experiment.json"
     if not path.exists():
         return
-    previous = json.loads(path.read_text())
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8 text
+        previous = None
+    if not isinstance(previous, dict):
+        raise ConfigError(
+            f"{path} is damaged (not a JSON object): remove it to resume the experiment there "
+            "with the options given now, or choose another --out"
+        )
     if previous != json.loads(json.dumps(settings)):
         changed = sorted(
             k for k in settings if previous.get(k) != json.loads(json.dumps(settings[k]))
@@ -245,7 +285,7 @@ def train_network(
              "optimizer": optimizer.state_dict(), "history": history, "config": model_config},
             checkpoint,
         )  # fmt: skip
-        _write_history(run_dir, history)
+        write_jsonl(run_dir / "history.jsonl", history)
         if progress:
             log(f"{name:>9}  epoch {epoch + 1:>3}/{epochs}  train err "
                 f"{record['train_error']:6.2%}  test err {record['test_error']:6.2%}  "
@@ -253,20 +293,20 @@ def train_network(
     return history
 
 
-def _write_history(run_dir: Path, history: Sequence[dict[str, Any]]) -> None:
-    path = run_dir / "history.jsonl"
-    tmp = path.with_name(".history.jsonl.tmp")
-    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-    os.replace(tmp, path)
+# What the summary, the verdict and the plot read from every epoch's record.
+_HISTORY_FIELDS = ("epoch", "train_error", "test_error", "elapsed_seconds")
 
 
 def read_histories(out: str | os.PathLike[str]) -> dict[str, list[dict[str, Any]]]:
-    """The per-epoch histories of an experiment directory, by model name."""
+    """The per-epoch histories of an experiment directory, by model name.
+
+    A damaged ``history.jsonl`` (not JSON, or a record without the errors per epoch) is a
+    :class:`ConfigError` naming the file and the line.
+    """
     out = Path(out)
     histories = {}
     for path in sorted(out.glob("*/history.jsonl")):
-        lines = path.read_text().splitlines()
-        histories[path.parent.name] = [json.loads(line) for line in lines if line.strip()]
+        histories[path.parent.name] = read_jsonl(path, numbers=_HISTORY_FIELDS)
     return histories
 
 

@@ -12,6 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from resunit.atomic import atomic_path
+from resunit.errors import ConfigError
+
 
 def _pyplot() -> Any:
     import matplotlib
@@ -23,12 +26,23 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``fig`` as a PNG at ``path`` atomically, and close it whatever happens.
+
+    Raises :class:`~resunit.errors.ConfigError` when ``path`` cannot be written (a missing
+    permission, a file where a folder should be): the commands that draw plots report it
+    as one line.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)  # a reader never sees half a PNG
-    _pyplot().close(fig)
+    try:
+        # A reader never sees half a PNG, and a failed save leaves no temporary file behind.
+        with atomic_path(path) as tmp:
+            # The temporary name does not end in .png: say which format matplotlib writes.
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    except OSError as exc:
+        raise ConfigError(f"cannot write the plot {path}: {exc.strerror or exc}") from None
+    finally:
+        # pyplot keeps every open figure alive; a long run that draws often would leak them.
+        _pyplot().close(fig)
     return path
 
 

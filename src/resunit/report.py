@@ -9,14 +9,16 @@ the inspection table of the model, and residual ratios and lesion results where
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from resunit.errors import ConfigError
+from resunit.errors import ConfigError, ResunitError
+from resunit.outputs import check_output_location, write_text
 
 _STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px;
@@ -34,15 +36,20 @@ img { max-width: 100%; border: 1px solid #eee; margin: .5em 0; }
 def write_report(
     run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
 ) -> Path:
-    """Write the report of ``run_dir`` to ``out`` (default ``run_dir/report.html``)."""
+    """Write the report of ``run_dir`` to ``out`` (default ``run_dir/report.html``).
+
+    A place the page cannot be written to is a :class:`ConfigError` (one line in the CLI),
+    checked before the page is built; a failed write leaves neither a page nor a temp file.
+    """
     run_dir = Path(run_dir)
-    page = build_report(run_dir)
     path = Path(out) if out else run_dir / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)  # a browser never sees half a page
-    return path
+    check_output_location(path, "--out")
+    page = build_report(run_dir)
+    return write_text(path, page)  # atomic: a browser never sees half a page
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
 
 
 def build_report(run_dir: str | os.PathLike[str]) -> str:
@@ -72,14 +79,66 @@ def build_report(run_dir: str | os.PathLike[str]) -> str:
 # --- building blocks ------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file; the run directory is damaged") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {_reason(exc)}") from None
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, None when there is no such file; anything else that is
+    not a JSON object is a damaged run directory, named so the user can remove or fix it."""
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} does not hold a JSON object")
+    return value
+
+
+def read_jsonl(path: Path, numbers: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file, [] when there is none. A bad line, or one whose
+    fields named in ``numbers`` are not all numbers, is a :class:`ConfigError` naming the
+    file and the line number."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} line {number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise ConfigError(f"{path} line {number} is not a JSON object")
+        missing = [k for k in numbers if not isinstance(record.get(k), (int, float))]
+        if missing:
+            raise ConfigError(f"{path} line {number} lacks {', '.join(missing)}")
+        records.append(record)
+    return records
+
+
+@contextlib.contextmanager
+def _fields_of(path: Path) -> Iterator[None]:
+    """Turn a missing or mistyped field of the records read from ``path`` into one line that
+    names the file: valid JSON can still lack what the page shows (damaged, or hand-edited)."""
+    try:
+        yield
+    except ResunitError:
+        raise
+    except KeyError as exc:
+        raise ConfigError(f"{path} lacks the field {exc}; the run directory is damaged") from None
+    except (TypeError, AttributeError, ValueError):
+        raise ConfigError(
+            f"{path} holds a field of the wrong type; the run directory is damaged"
+        ) from None
 
 
 def _image(path: Path | None, alt: str) -> str:
@@ -116,21 +175,22 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
-def _inspection(config: dict[str, Any]) -> str:
-    """The inspection table of the model a run trained, built on the meta device."""
+def _inspection(config: dict[str, Any], source: Path) -> str:
+    """The inspection table of the model a run trained (its config read from ``source``),
+    built on the meta device."""
     import torch
 
     from resunit.analysis import inspect_model
     from resunit.models import create_model
 
-    with torch.device("meta"):
+    with _fields_of(source), torch.device("meta"):
         model = create_model(
             config["model"],
             num_classes=config.get("num_classes"),
             in_chans=config.get("in_chans"),
             **dict(config.get("model_overrides") or {}),
         )
-    size = int(config.get("input_size") or 32)
+        size = int(config.get("input_size") or 32)
     result = inspect_model(model, (model.in_chans, size, size))
     rows = [
         (
@@ -156,15 +216,36 @@ def _analysis_sections(analysis_dir: Path, label: str = "") -> list[tuple[str, s
     """Residual-ratio and lesion sections from ``resunit analyze`` output, where present."""
     suffix = f": {label}" if label else ""
     key = f"-{label}" if label else ""
-    result = _read_json(analysis_dir / "analysis.json")
+    path = analysis_dir / "analysis.json"
+    result = _read_json(path)
     if result is None:
-        hint = (
-            "<p class='note'>No analysis yet: run <code>resunit analyze --checkpoint "
-            f"{html.escape(str(analysis_dir.parent / 'best.pt'))}</code> and rebuild this "
-            "report.</p>"
-        )
+        hint = _analysis_hint(analysis_dir.parent)
         return [(f"residual-ratios{key}", f"Residual ratios{suffix}", hint),
                 (f"lesion{key}", f"Lesion study{suffix}", hint)]  # fmt: skip
+    with _fields_of(path):
+        return _analysis_html(result, analysis_dir, key, suffix)
+
+
+def _analysis_hint(run_dir: Path) -> str:
+    # A training run keeps best.pt (and last.pt); an experiment's networks only last.pt.
+    checkpoint = next(
+        (run_dir / n for n in ("best.pt", "last.pt") if (run_dir / n).is_file()), None
+    )
+    if checkpoint is None:
+        return (
+            f"<p class='note'>No analysis yet, and no checkpoint in {html.escape(str(run_dir))} "
+            "to analyse: train it first, then run <code>resunit analyze</code> on its "
+            "checkpoint and rebuild this report.</p>"
+        )
+    return (
+        "<p class='note'>No analysis yet: run <code>resunit analyze --checkpoint "
+        f"{html.escape(str(checkpoint))}</code> and rebuild this report.</p>"
+    )
+
+
+def _analysis_html(
+    result: dict[str, Any], analysis_dir: Path, key: str, suffix: str
+) -> list[tuple[str, str, str]]:
     ratios = result["residual_ratios"]
     stages = ", ".join(f"{k} {v:.3f}" for k, v in result["mean_ratio_per_stage"].items())
     ratio_html = (
@@ -204,26 +285,33 @@ def _analysis_sections(analysis_dir: Path, label: str = "") -> list[tuple[str, s
 
 
 def _training_sections(run_dir: Path) -> tuple[str, list[tuple[str, str, str]]]:
-    config = _read_json(run_dir / "config.json")
-    metrics = _read_jsonl(run_dir / "metrics.jsonl")
-    summary = _read_json(run_dir / "summary.json")
+    config_path = run_dir / "config.json"
+    config = _read_json(config_path) or {}
+    if not isinstance(config.get("model"), str):
+        raise ConfigError(f"{config_path} names no model; the run directory is damaged")
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics = read_jsonl(metrics_path)
+    summary_path = run_dir / "summary.json"
+    summary = _read_json(summary_path)
     title = f"Training run: {config.get('model')} on {config.get('data', config.get('dataset'))}"
     curves = run_dir / "curves.png"
-    if not curves.is_file() and metrics:
+    if not curves.exists() and metrics:  # a folder of that name: no plot, no stray file
         curves = _regenerate(lambda p: _plots().plot_training_curves(metrics, p), curves)
     shown = {k: v for k, v in config.items() if k not in ("classes", "mean", "std")}
-    curve_rows = [
-        (m["epoch"], m.get("train_loss"), _percent(m.get("train_accuracy")),
-         _percent(m.get("val_accuracy")) if "val_accuracy" in m else "", m.get("lr"))
-        for m in metrics
-    ]  # fmt: skip
+    with _fields_of(metrics_path):
+        curve_rows = [
+            (m["epoch"], m.get("train_loss"), _percent(m.get("train_accuracy")),
+             _percent(m.get("val_accuracy")) if "val_accuracy" in m else "", m.get("lr"))
+            for m in metrics
+        ]  # fmt: skip
     curve_html = _image(curves, "training curves") + _table(
         ["epoch", "train loss", "train accuracy", "val accuracy", "lr"], curve_rows
     )
     if summary:
         final = {k: v for k, v in summary.items() if k != "per_class_accuracy"}
         if "test_accuracy" in summary:
-            final["test_accuracy"] = _percent(summary["test_accuracy"])
+            with _fields_of(summary_path):
+                final["test_accuracy"] = _percent(summary["test_accuracy"])
         metrics_html = _key_values(final)
     elif metrics:
         metrics_html = "<p class='note'>The run has not finished; its last epoch:</p>" + (
@@ -235,7 +323,7 @@ def _training_sections(run_dir: Path) -> tuple[str, list[tuple[str, str, str]]]:
         ("configuration", "Configuration", _key_values(shown)),
         ("curves", "Curves", curve_html),
         ("metrics", "Final metrics", metrics_html),
-        ("inspection", "Inspection", _inspection(config)),
+        ("inspection", "Inspection", _inspection(config, config_path)),
         *_analysis_sections(run_dir / "analysis"),
     ]
     return title, sections
@@ -247,28 +335,31 @@ def _training_sections(run_dir: Path) -> tuple[str, list[tuple[str, str, str]]]:
 def _experiment_sections(run_dir: Path) -> tuple[str, list[tuple[str, str, str]]]:
     from resunit.experiments import read_histories, summarize_degradation
 
-    settings = _read_json(run_dir / "experiment.json")
+    settings_path = run_dir / "experiment.json"
+    settings = _read_json(settings_path) or {}
     histories = {k: v for k, v in read_histories(run_dir).items() if v}
-    summary = _read_json(run_dir / "summary.json")
+    summary_path = run_dir / "summary.json"
+    summary = _read_json(summary_path)
     if summary is None and histories:
         summary = summarize_degradation(histories)  # an unfinished run: what is there so far
     title = f"Experiment: {settings.get('experiment', 'degradation')} on {settings.get('data')}"
     plot = run_dir / "degradation.png"
-    if not plot.is_file() and histories:
+    if not plot.exists() and histories:
         plot = _regenerate(lambda p: _plots().plot_degradation(histories, p), plot)
-    recipe = settings.get("recipe", {})
-    config_html = _key_values({k: v for k, v in settings.items() if k != "recipe"})
-    config_html += "<h3>Recipe shared by every network</h3>\n" + _key_values(recipe)
+    with _fields_of(settings_path):
+        recipe = settings.get("recipe", {})
+        config_html = _key_values({k: v for k, v in settings.items() if k != "recipe"})
+        config_html += "<h3>Recipe shared by every network</h3>\n" + _key_values(recipe)
     if summary:
-        rows = [
-            (r["model"], r["depth"], r["epochs"], _percent(r["final_train_error"]),
-             _percent(r["final_test_error"]), _percent(r["best_test_error"]),
-             f"{r['seconds']:.0f}")
-            for r in summary["networks"]
-        ]  # fmt: skip
-        metrics_html = f"<p class='verdict'>{html.escape(summary['verdict'])}</p>\n" + _table(
-            _DEGRADATION_HEADERS, rows
-        )
+        with _fields_of(summary_path):
+            rows = [
+                (r["model"], r["depth"], r["epochs"], _percent(r["final_train_error"]),
+                 _percent(r["final_test_error"]), _percent(r["best_test_error"]),
+                 f"{r['seconds']:.0f}")
+                for r in summary["networks"]
+            ]  # fmt: skip
+            verdict = html.escape(summary["verdict"])
+        metrics_html = f"<p class='verdict'>{verdict}</p>\n" + _table(_DEGRADATION_HEADERS, rows)
     else:
         metrics_html = "<p class='note'>No network has finished an epoch yet.</p>"
     curves_html = (
@@ -283,8 +374,9 @@ def _experiment_sections(run_dir: Path) -> tuple[str, list[tuple[str, str, str]]
     ]
     inspect_parts = []
     for name in histories:
-        config = _read_checkpoint_config(run_dir / name / "last.pt") or {"model": name}
-        inspect_parts.append(f"<h3>{html.escape(name)}</h3>\n{_inspection(config)}")
+        checkpoint = run_dir / name / "last.pt"
+        config = _read_checkpoint_config(checkpoint) or {"model": name}
+        inspect_parts.append(f"<h3>{html.escape(name)}</h3>\n{_inspection(config, checkpoint)}")
     sections.append(("inspection", "Inspection", "\n".join(inspect_parts)))
     for name in histories:
         analysis_dir = run_dir / name / "analysis"
@@ -317,10 +409,11 @@ def _plots() -> Any:
 
 def _regenerate(draw: Any, path: Path) -> Path | None:
     # A run without its PNG (matplotlib missing while it trained): draw it now if we can.
+    # A directory we may not write to only loses the plot, not the whole report.
     try:
         return draw(path)
-    except ImportError:
+    except (ImportError, OSError):
         return None
 
 
-__all__ = ["build_report", "write_report"]
+__all__ = ["build_report", "read_jsonl", "write_report"]

@@ -30,6 +30,7 @@ from resunit.checkpoint import read_checkpoint, save_checkpoint
 from resunit.data import ImageDataset, augment, load_dataset, normalize
 from resunit.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from resunit.models import create_model
+from resunit.outputs import write_json, write_jsonl
 
 SCHEDULES = ("multistep", "cosine", "onecycle", "constant")
 CHECKPOINT_FORMAT = "resunit-train-1"
@@ -842,7 +843,7 @@ class _RunWriter:
             return
         summary_writer = _tensorboard_writer_class() if config.tensorboard else None
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
+        write_json(run_dir / "config.json", model_config)
         if summary_writer is not None:
             self.tb = summary_writer(str(run_dir / "tensorboard"))
 
@@ -851,10 +852,7 @@ class _RunWriter:
         come after a metrics line and before its checkpoint, or the other way round)."""
         if not self.enabled:
             return
-        path = self.run_dir / "metrics.jsonl"
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-        os.replace(tmp, path)
+        write_jsonl(self.run_dir / "metrics.jsonl", history)
 
     def log(self, record: dict[str, Any], final: bool = False) -> None:
         with (self.run_dir / "metrics.jsonl").open("a") as f:
@@ -893,7 +891,7 @@ class _RunWriter:
         tqdm.write(text)
 
     def finish(self, summary: dict[str, Any]) -> None:
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(self.run_dir / "summary.json", summary)
 
     def close(self) -> None:
         if self.tb is not None:

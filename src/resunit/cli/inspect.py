@@ -18,11 +18,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_report(subparsers)
 
 
-def _count(n: int) -> str:
-    """1234567 → '1.23M': short enough for a table, exact values are in --json."""
-    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+_PREFIXES = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
+
+
+def _count(n: int, sep: str = "") -> str:
+    """1234567 → '1.23M': short enough for a table, exact values are in --json.
+
+    From G up, three decimals, as torchvision's table of GFLOPS (1.814 for resnet18).
+    """
+    for limit, suffix in _PREFIXES:
         if abs(n) >= limit:
-            return f"{n / limit:.3f}{suffix}" if suffix == "G" else f"{n / limit:.2f}{suffix}"
+            decimals = 3 if limit >= 1e9 else 2
+            return f"{n / limit:.{decimals}f}{sep}{suffix}"
     return str(n)
 
 
@@ -41,31 +48,54 @@ def _register_inspect(subparsers: argparse._SubParsersAction) -> None:
         "why, parameters and multiply-accumulates (MACs, counted by torch.utils.flop_counter) "
         "of its residual branch and of its shortcut, then the totals. MODEL is a registered "
         "name (`resunit models`) or a checkpoint written by `resunit train`. "
-        "`resunit inspect block --in 64 --out 128 --stride 2 --size 56` walks one unit "
-        "layer by layer instead.",
+        "`resunit inspect block --in 64 --out-channels 128 --stride 2 --size 56` walks one "
+        "unit layer by layer instead; the options of that group apply to it only.",
     )
     p.add_argument("model", metavar="MODEL", help="registered model, checkpoint path, or 'block'")
     p.add_argument(
         "--input",
         metavar="C×H×W",
-        help="input shape, e.g. 3x224x224 (default: 224×224 for ImageNet models, 32×32 for "
-        "CIFAR ones, the training size for a checkpoint)",
+        help="input shape of a model, e.g. 3x224x224 (default: 224×224 for ImageNet models, "
+        "32×32 for CIFAR ones, the training size for a checkpoint); a block takes --in and "
+        "--size instead",
     )
-    g = p.add_argument_group("inspect block")
-    g.add_argument("--in", dest="in_channels", type=int, default=64, help="input channels")
-    g.add_argument("--out", dest="out_channels", type=int, default=128, help="output channels")
-    g.add_argument("--stride", type=int, default=2, help="stride of the unit")
-    g.add_argument("--size", type=int, default=56, help="input height and width")
+    # Defaults are None so that run_inspect can tell a given option from an absent one and
+    # refuse them for a whole model instead of ignoring them; _BLOCK_DEFAULTS fills them in.
+    g = p.add_argument_group("inspect block (one unit only)")
+    g.add_argument("--in", dest="in_channels", type=int, help="input channels (default 64)")
     g.add_argument(
-        "--block",
-        default="basic",
-        help="basic, bottleneck, preact_basic or preact_bottleneck (default basic)",
+        "--out-channels", dest="out_channels", type=int, help="output channels (default 128)"
+    )
+    # The old spelling, kept working but out of --help: elsewhere --out is a directory.
+    g.add_argument("--out", dest="out_channels", type=int, help=argparse.SUPPRESS)
+    g.add_argument("--stride", type=int, help="stride of the unit (default 2)")
+    g.add_argument("--size", type=int, help="input height and width (default 56)")
+    g.add_argument(
+        "--block", help="basic, bottleneck, preact_basic or preact_bottleneck (default basic)"
     )
     g.add_argument(
-        "--shortcut", default="auto", help="auto, projection, pad, avgpool, none (or A/B/C)"
+        "--shortcut", help="auto, projection, pad, avgpool, none (or A/B/C; default auto)"
     )
     add_json_flag(p)
     p.set_defaults(handler=run_inspect)
+
+
+_BLOCK_DEFAULTS = {
+    "in_channels": 64,
+    "out_channels": 128,
+    "stride": 2,
+    "size": 56,
+    "block": "basic",
+    "shortcut": "auto",
+}
+_BLOCK_FLAGS = {
+    "in_channels": "--in",
+    "out_channels": "--out-channels",
+    "stride": "--stride",
+    "size": "--size",
+    "block": "--block",
+    "shortcut": "--shortcut",
+}
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -73,17 +103,29 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     from resunit.analysis import inspect_model, inspect_unit, make_unit, parse_input_shape
 
+    given = [flag for dest, flag in _BLOCK_FLAGS.items() if getattr(args, dest) is not None]
     if args.model == "block":
+        if args.input:
+            raise ConfigError(
+                "--input applies to a model; for one unit give --in (channels) and --size"
+            )
+        o = dict(_BLOCK_DEFAULTS)
+        o.update({d: getattr(args, d) for d in o if getattr(args, d) is not None})
         with torch.device("meta"):
             unit = make_unit(
-                args.in_channels, args.out_channels, args.stride, args.block, args.shortcut
+                o["in_channels"], o["out_channels"], o["stride"], o["block"], o["shortcut"]
             )
-        result = inspect_unit(unit, args.size)
+        result = inspect_unit(unit, o["size"])
         if args.json:
             print_json(result)
         else:
             _print_unit(result)
         return 0
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to a single unit "
+            f"(`resunit inspect block`), not to {args.model}; for a model use --input"
+        )
     shape = parse_input_shape(args.input) if args.input else None
     model, shape, title = _build_for_inspection(args.model, shape)
     result = inspect_model(model, shape)
@@ -135,7 +177,7 @@ def _print_model(result: dict[str, Any]) -> None:
     print(format_table(headers, rows, align="lllrrrr"))
     print(
         f"total: {result['total_parameters']:,} parameters, {result['total_macs']:,} MACs "
-        f"({result['total_macs'] / 1e9:.3f} G) per image"
+        f"({_count(result['total_macs'], ' ')}) per image"
     )
 
 

@@ -281,8 +281,6 @@ def run_eval(args: argparse.Namespace) -> int:
         result["confusion_png"] = str(plot)
     except ImportError:
         result["confusion_png"] = None
-    except OSError as exc:
-        raise ConfigError(f"cannot write the confusion matrix to {plot}: {exc.strerror}") from None
     result.update(checkpoint=args.checkpoint, data=data, split=args.split)
     if args.json:
         print_json(result)

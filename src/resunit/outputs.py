@@ -1,0 +1,94 @@
+"""Where a command's results go: a bad location is refused before the work, and every file
+is written whole (through :func:`resunit.atomic.atomic_path`) or not at all.
+
+A command that trains or analyses for minutes checks ``--out`` first (:func:`check_output_location`,
+:func:`prepare_output_dir`), so a typo costs a second, not the run; the writers below turn the
+``OSError`` of a full disk or a missing permission into a one-line :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from resunit.atomic import atomic_path
+from resunit.errors import ConfigError
+
+
+def check_output_location(path: str | os.PathLike[str], option: str, kind: str = "file") -> None:
+    """Refuse, without creating anything, an output ``path`` (a ``kind``: ``"file"`` or
+    ``"directory"``) that can never be written: one of the other kind, or one below a file."""
+    path = Path(path)
+    try:
+        if kind == "file" and path.is_dir():
+            raise ConfigError(f"{option} {path} is a directory; give a file name")
+        if kind == "directory" and path.exists() and not path.is_dir():
+            raise ConfigError(f"{option} {path} is a file; give a directory")
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ConfigError(f"{option} {path} is below {parent}, which is a file")
+                break
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise ConfigError(f"{option} {path} cannot be used: {_reason(exc)}") from None
+
+
+def prepare_output_dir(
+    out_dir: str | os.PathLike[str], files: Sequence[str] = (), option: str = "--out"
+) -> Path:
+    """Create ``out_dir`` if needed and make sure ``files`` can be written into it.
+
+    Raises :class:`ConfigError` when ``out_dir`` is a file, lies under a file, cannot be
+    created or written, or when one of ``files`` is a directory there.
+    """
+    out = Path(out_dir)
+    check_output_location(out, option, kind="directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # Only writing tells: permissions, ACLs, read-only mounts and root all play a part.
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {option} {out}: {_reason(exc)}") from None
+    for name in files:
+        if (out / name).is_dir():
+            raise ConfigError(f"{out / name} is a directory; move it away or give another {option}")
+    return out
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; a reader never sees half of it."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {_reason(exc)}") from None
+    return path
+
+
+def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
+    """Write ``payload`` as indented JSON, atomically."""
+    return write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike[str], records: Sequence[dict[str, Any]]) -> Path:
+    """Write one JSON object per line, atomically (a whole log, e.g. on resume)."""
+    return write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+__all__ = [
+    "check_output_location",
+    "prepare_output_dir",
+    "write_json",
+    "write_jsonl",
+    "write_text",
+]
