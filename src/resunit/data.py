@@ -304,7 +304,7 @@ def _load_cifar(name: str, split: str, root: str | None) -> ImageDataset:
     if layout is None:
         names = " or ".join(f"{spec[0]}/" for spec in _CIFAR[name].values())
         raise DatasetError(
-            f"{name} not found in {base}: expected {names} "
+            f"{name} not found in {base} or {base.parent}: expected {names} in one of them "
             f"(run `resunit data download {name} --root {base}`, or extract the official "
             "archive there)"
         )
