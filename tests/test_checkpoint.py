@@ -136,3 +136,91 @@ def test_load_model_needs_a_resunit_config(tmp_path):
 def test_ddp_prefix_is_stripped():
     state = {"module.fc.weight": torch.ones(1), "module.fc.bias": torch.ones(1)}
     assert set(extract_state_dict({"model": state})) == {"fc.weight", "fc.bias"}
+
+
+def _trained_like(name: str = "resnet20", **kw) -> torch.nn.Module:
+    """A model whose weights and BN statistics are not the fresh ones (so loading shows)."""
+    torch.manual_seed(0)
+    model = create_model(name, in_chans=1, **kw)
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            if t.is_floating_point():
+                t.add_(torch.rand_like(t) * 0.1)
+    return model.eval()
+
+
+def test_a_model_built_on_the_meta_device_gets_real_weights(tmp_path):
+    source = _trained_like(num_classes=10)
+    path = tmp_path / "m.pt"
+    save_checkpoint({"model": source.state_dict()}, path)
+    for given in (path, source.state_dict()):
+        with torch.device("meta"):
+            model = create_model("resnet20", num_classes=10, in_chans=1)
+        report = load_weights(model, given)
+        assert len(report.loaded) == len(source.state_dict()) and report.skipped_head == []
+        tensors = [*model.parameters(), *model.buffers()]
+        assert not any(t.is_meta for t in tensors)
+        assert all(p.requires_grad for p in model.parameters())
+        x = torch.randn(3, 1, 8, 8)
+        with torch.no_grad():
+            assert torch.equal(model.eval()(x), source(x))
+    # The model got copies of the caller's tensors, as a copying load gives: training it
+    # leaves the dictionary it was given untouched.
+    with torch.no_grad():
+        model.conv1.weight.add_(1.0)
+    assert not torch.equal(model.conv1.weight, source.conv1.weight)
+
+
+def test_a_meta_model_keeps_its_dtype_and_gets_a_real_fresh_head():
+    source = _trained_like(num_classes=10)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    with torch.device("meta"):
+        model = create_model("resnet20", num_classes=4, in_chans=1)
+    report = load_weights(model, half)
+    assert report.skipped_head == ["fc.bias", "fc.weight"]
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    assert model.conv1.weight.dtype == torch.float32  # as a copying load would convert
+    assert torch.equal(model.conv1.weight, source.conv1.weight.half().float())
+    assert model.fc.weight.shape == (4, 64) and model.fc.weight.abs().sum() > 0
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 4)
+
+
+def test_a_headless_model_ignores_the_checkpoints_head(tmp_path):
+    source = _trained_like(num_classes=10)
+    path = tmp_path / "with_head.pt"
+    save_checkpoint(source.state_dict(), path)
+    model = create_model("resnet20", num_classes=0, in_chans=1).eval()
+    report = load_weights(model, path)
+    assert report.skipped_head == ["fc.bias", "fc.weight"]
+    assert "ignored the checkpoint's classifier head" in report.summary()
+    assert "the model has none" in report.summary()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        features = source.forward_head(source.forward_features(x), pre_logits=True)
+        assert torch.equal(model(x), features)
+
+
+def test_a_checkpoint_without_a_head_leaves_the_models_fresh_head():
+    source = _trained_like(num_classes=0)
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    fresh_head = model.fc.weight.clone()
+    report = load_weights(model, source.state_dict())
+    assert report.skipped_head == ["fc.bias", "fc.weight"]
+    assert "kept a fresh classifier head" in report.summary()
+    assert "not in the checkpoint" in report.summary()
+    assert torch.equal(model.fc.weight, fresh_head)
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    # Anything else missing is still another architecture.
+    other = create_model("resnet32", num_classes=0, in_chans=1).state_dict()
+    with pytest.raises(CheckpointError, match=r"unexpected layer1\.3\."):
+        load_weights(create_model("resnet20", num_classes=0, in_chans=1), other)
+
+
+def test_load_model_refuses_weights_whose_head_is_not_the_configs(tmp_path):
+    # Tolerated when fine-tuning, but a trained model's checkpoint must hold its own head.
+    for num_classes, reason in ((5, "shape differs"), (0, "not in the checkpoint")):
+        path = tmp_path / f"head{num_classes}.pt"
+        weights = create_model("resnet20", num_classes=num_classes, in_chans=1).state_dict()
+        save_checkpoint({"model": weights, "config": _config()}, path)
+        with pytest.raises(CheckpointError, match=f"10 classes its config names .*{reason}"):
+            load_model(path)

@@ -382,3 +382,23 @@ def test_train_keeps_freed_memory_for_the_next_step(tmp_path, monkeypatch):
         progress=False,
     )
     assert calls == []
+
+
+def test_threads_zero_overrides_the_recipe_and_keeps_torchs_setting(tmp_path, capsys):
+    # The digits recipe runs on one thread; --threads 0 asks for torch's own setting instead,
+    # and in either case the in-process caller's thread count is the same afterwards.
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        out = tmp_path / "run"
+        args = ["train", "--steps", "2", "--threads", "0", "--no-progress", "--json"]
+        assert main([*args, "--out", str(out)]) == 0
+        assert json.loads((out / "config.json").read_text())["threads"] == 0
+        assert torch.get_num_threads() == 2
+        one = ["train", "--steps", "2", "--no-progress", "--json", "--out", str(tmp_path / "one")]
+        assert main(one) == 0
+        assert json.loads((tmp_path / "one" / "config.json").read_text())["threads"] == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()

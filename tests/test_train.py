@@ -11,9 +11,10 @@ import pytest
 import torch
 from sklearn.metrics import confusion_matrix
 
+from resunit import deploy
 from resunit.checkpoint import load_model, read_checkpoint
 from resunit.data import load_dataset
-from resunit.errors import ConfigError, TrainingError
+from resunit.errors import ConfigError, DatasetError, TrainingError
 from resunit.models import create_model
 from resunit.train import (
     RECIPES,
@@ -120,6 +121,45 @@ def test_evaluate_agrees_with_scikit_learn_confusion_matrix():
     assert result["accuracy"] == pytest.approx((predicted == test.labels).double().mean().item())
     per_class = reference.diagonal() / reference.sum(1)
     assert result["per_class_accuracy"] == pytest.approx(per_class.tolist())
+
+
+def _digits_sample(count: int = 40):
+    test = load_dataset("digits", "test")
+    return test.subset(torch.arange(count))
+
+
+def test_evaluating_a_model_with_another_number_of_classes_is_a_config_error():
+    model = create_model("resnet20", num_classes=7, in_chans=1).train()
+    with pytest.raises(ConfigError, match=r"7 outputs per image but digits has 10 classes"):
+        evaluate(model, _digits_sample())
+    assert model.training  # the caller's mode survives the failure
+
+
+def test_evaluate_restores_the_callers_mode_and_checks_the_batch_size():
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    data = _digits_sample()
+    for training in (True, False):
+        model.train(training)
+        evaluate(model, data, batch_size=16)
+        assert model.training is training
+    with pytest.raises(ConfigError, match="batch size must be ≥ 1, got 0"):
+        evaluate(model, data, batch_size=0)
+
+
+@pytest.mark.skipif(not deploy.onnx_available(), reason="needs the [onnx] extra")
+def test_evaluate_accepts_an_onnx_runtime_model(tmp_path):
+    # It has no parameters to say where batches go: evaluation runs them on the CPU.
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_chans=1).eval()
+    path = deploy.export_onnx(model, tmp_path / "m.onnx", (1, 8, 8), dynamic_batch=True)
+    runner = deploy.OnnxRuntimeModel(path, threads=1)
+    assert list(runner.parameters()) == []
+    data = _digits_sample()
+    onnx_result = evaluate(runner, data, batch_size=16)
+    torch_result = evaluate(model, data, batch_size=16)
+    assert onnx_result["count"] == torch_result["count"] == 40
+    assert onnx_result["confusion_matrix"] == torch_result["confusion_matrix"]
+    assert onnx_result["loss"] == pytest.approx(torch_result["loss"], rel=1e-4)
 
 
 def test_prepare_batch_resizes_to_the_model_input_size():
@@ -251,6 +291,44 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+def test_train_restores_the_callers_thread_count(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        config = make_config(steps=2, out=str(tmp_path / "run"))  # digits: the recipe's 1 thread
+        assert config.threads == 1
+        train(config, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_train_restores_the_thread_count_when_it_fails_and_zero_keeps_it(tmp_path, monkeypatch):
+    import resunit.train
+
+    seen = []
+
+    def failing_load_data(config):
+        seen.append(torch.get_num_threads())
+        raise DatasetError("simulated failure after the thread count was set")
+
+    monkeypatch.setattr(resunit.train, "load_data", failing_load_data)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for threads in (1, 0):  # 0 overrides the recipe's 1: torch's own setting stays
+            config = make_config(threads=threads, out=str(tmp_path / f"run{threads}"))
+            assert config.threads == threads
+            with pytest.raises(DatasetError, match="simulated"):
+                train(config, progress=False)
+            assert torch.get_num_threads() == 2
+        assert seen == [1, 2]
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match="threads must be"):
+        make_config(threads=-1)
+
+
 def test_recipes_are_valid_configs():
     for name in RECIPES:
         make_config(name)
@@ -334,24 +412,67 @@ def test_imagefolder_run_evaluates_and_predicts_at_its_training_size(tmp_path, c
     assert json.loads(capsys.readouterr().out)[0]["classes"][0] == "vertical"
 
 
-def _finite_flag_worker(rank: int, store_file: str, values: list[float], results) -> None:
+def _flag_worker(
+    rank: int, store_file: str, values: list[float], interrupts: list[bool], results
+) -> None:
     import torch.distributed as dist
 
-    from resunit.train import Distributed, _finite_on_every_rank
+    from resunit.train import Distributed, _finite_on_every_rank, _InterruptFlag, _stop_requested
 
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
     try:
         info = Distributed(rank=rank, world_size=2, local_rank=rank)
-        results[rank] = _finite_on_every_rank(values[rank], info, torch.device("cpu"))
+        cpu = torch.device("cpu")
+        interrupt = _InterruptFlag()
+        interrupt.raised = interrupts[rank]
+        results[rank] = (
+            _finite_on_every_rank(values[rank], info, cpu),
+            _stop_requested(interrupt, info, cpu),
+        )
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(("values", "expected"), [([1.0, 2.0], True), ([1.0, math.nan], False)])
-def test_every_rank_stops_when_one_ranks_loss_is_not_finite(tmp_path, values, expected):
+@pytest.mark.parametrize(
+    ("values", "interrupts", "expected"),
+    [([1.0, 2.0], [False, False], (True, False)), ([1.0, math.nan], [False, True], (False, True))],
+)
+def test_every_rank_stops_when_one_rank_diverges_or_sees_ctrl_c(
+    tmp_path, values, interrupts, expected
+):
     # A rank that stopped alone would leave the others waiting in DDP's next all-reduce.
     import torch.multiprocessing as mp
 
     results = mp.Manager().dict()
-    mp.spawn(_finite_flag_worker, args=(str(tmp_path / "store"), values, results), nprocs=2)
+    mp.spawn(_flag_worker, args=(str(tmp_path / "store"), values, interrupts, results), nprocs=2)
     assert dict(results) == {0: expected, 1: expected}
+
+
+class _Reduced(Exception):
+    """Stops a faked all_reduce: a meta tensor has no value to read back."""
+
+
+def test_per_step_collectives_use_tensors_on_the_training_device(monkeypatch):
+    # NCCL (the backend on CUDA) reduces CUDA tensors only, and this machine may have no GPU:
+    # the meta device stands in for "not the CPU", and the fake all_reduce records where each
+    # flag lives before any value is needed.
+    from resunit.train import Distributed, _finite_on_every_rank, _InterruptFlag, _stop_requested
+
+    devices = []
+
+    def fake_all_reduce(tensor, op=None, **kwargs):
+        devices.append(tensor.device)
+        raise _Reduced
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", fake_all_reduce)
+    two_ranks = Distributed(rank=0, world_size=2)
+    meta = torch.device("meta")
+    with pytest.raises(_Reduced):
+        _finite_on_every_rank(1.0, two_ranks, meta)
+    with pytest.raises(_Reduced):
+        _stop_requested(_InterruptFlag(), two_ranks, meta)
+    assert devices == [meta, meta]
+    # Alone, no collective is called at all.
+    assert _finite_on_every_rank(1.0, Distributed(), meta) is True
+    assert _stop_requested(_InterruptFlag(), Distributed(), meta) is False
+    assert len(devices) == 2

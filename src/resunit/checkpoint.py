@@ -89,19 +89,35 @@ def extract_state_dict(payload: Mapping[str, Any]) -> dict[str, Tensor]:
     return state
 
 
+# Why a LoadReport's head keys were not loaded.
+_SHAPE_DIFFERS = "shape differs"
+_MODEL_HEADLESS = "the model has none"
+_CHECKPOINT_HEADLESS = "not in the checkpoint"
+
+
 @dataclass
 class LoadReport:
-    """What :func:`load_weights` did: keys loaded and head keys left freshly initialised."""
+    """What :func:`load_weights` did: keys loaded and classifier-head keys not loaded.
+
+    ``skipped_head`` holds the model's head keys left freshly initialised (the checkpoint's
+    head has another number of classes, or it has none) or, when the model itself has no
+    head (``num_classes=0``), the checkpoint's head keys that had nowhere to go;
+    ``head_reason`` says which.
+    """
 
     loaded: list[str] = field(default_factory=list)
     skipped_head: list[str] = field(default_factory=list)
+    head_reason: str = _SHAPE_DIFFERS
 
     def summary(self) -> str:
         text = f"loaded {len(self.loaded)} tensors"
         if self.skipped_head:
-            text += (
-                f"; kept a fresh classifier head ({', '.join(self.skipped_head)}: shape differs)"
+            kept = (
+                "ignored the checkpoint's classifier head"
+                if self.head_reason == _MODEL_HEADLESS
+                else "kept a fresh classifier head"
             )
+            text += f"; {kept} ({', '.join(self.skipped_head)}: {self.head_reason})"
         return text
 
 
@@ -111,36 +127,106 @@ def load_weights(
     *,
     head_prefix: str = "fc.",
 ) -> LoadReport:
-    """Load weights strictly, except a classifier head whose number of classes differs.
+    """Load weights strictly, except a classifier head that does not fit.
 
     This is fine-tuning's usual first step: a 1000-class checkpoint into a 10-class model
-    loads everything but ``fc`` and says so in the returned report. Any other missing,
-    unexpected or mis-shaped key is an error that lists the keys (another architecture).
+    loads everything but ``fc`` and says so in the returned report. The head is also left
+    out when only one side has one: a checkpoint's head is ignored by a model built without
+    one (``num_classes=0``, features only), and a model keeps its fresh head when the
+    checkpoint has none. Any other missing, unexpected or mis-shaped key is an error that
+    lists the keys (another architecture).
+
+    A model built on the ``meta`` device (no memory allocated) receives the checkpoint's
+    tensors themselves, converted to its dtypes; a fresh head it keeps is initialised on the
+    device the weights came from.
     """
-    state = extract_state_dict(
-        read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
-    )
+    from_file = isinstance(source, (str, os.PathLike))
+    state = extract_state_dict(read_checkpoint(source) if from_file else source)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     skipped_head = [k for k in mismatched if k.startswith(head_prefix)]
+    reason = _SHAPE_DIFFERS
+    model_has_head = any(k.startswith(head_prefix) for k in own)
+    checkpoint_has_head = any(k.startswith(head_prefix) for k in state)
+    if not model_has_head and checkpoint_has_head:
+        skipped_head = [k for k in unexpected if k.startswith(head_prefix)]
+        unexpected = [k for k in unexpected if k not in skipped_head]
+        reason = _MODEL_HEADLESS
+    elif model_has_head and not checkpoint_has_head:
+        skipped_head = [k for k in missing if k.startswith(head_prefix)]
+        missing = [k for k in missing if k not in skipped_head]
+        reason = _CHECKPOINT_HEADLESS
     problems = []
     if missing:
         problems.append(f"missing {_short_list(missing)}")
     if unexpected:
         problems.append(f"unexpected {_short_list(unexpected)}")
-    if len(skipped_head) < len(mismatched):
-        bad = [k for k in mismatched if k not in skipped_head]
+    bad = [k for k in mismatched if k not in skipped_head]
+    if bad:
         problems.append(
             "shape mismatch "
             + _short_list([f"{k} {tuple(state[k].shape)}≠{tuple(own[k].shape)}" for k in bad])
         )
     if problems:
         raise CheckpointError("checkpoint does not fit this architecture: " + "; ".join(problems))
-    to_load = {k: v for k, v in state.items() if k not in skipped_head}
-    model.load_state_dict(to_load, strict=False)
-    return LoadReport(loaded=sorted(to_load), skipped_head=skipped_head)
+    to_load = {k: v for k, v in state.items() if k in own and k not in skipped_head}
+    on_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    if on_meta:
+        _assign_weights(model, own, to_load, copy=not from_file)
+        _materialise_head(model, head_prefix, skipped_head)
+        _check_nothing_meta(model)
+    else:
+        model.load_state_dict(to_load, strict=False)
+    return LoadReport(loaded=sorted(to_load), skipped_head=skipped_head, head_reason=reason)
+
+
+def _assign_weights(
+    model: nn.Module, own: Mapping[str, Tensor], to_load: Mapping[str, Tensor], copy: bool
+) -> None:
+    # Copying into meta tensors is a silent no-op, so the model takes the tensors themselves
+    # (assign=True). Each keeps the model's dtype, and its device unless that is meta, as a
+    # copying load would; tensors the caller passed in are copied so that training the model
+    # never changes the caller's dictionary (a copying load never shares them either).
+    assigned = {}
+    for key, value in to_load.items():
+        target = own[key]
+        device = value.device if target.is_meta else target.device
+        assigned[key] = value.to(device=device, dtype=target.dtype, copy=copy)
+    model.load_state_dict(assigned, strict=False, assign=True)
+
+
+def _materialise_head(model: nn.Module, head_prefix: str, skipped_head: list[str]) -> None:
+    # A head kept fresh is still meta: allocate it where the loaded weights are and initialise
+    # it as the layer itself does (nn.Linear's reset_parameters is also how ResNet makes fc).
+    name = head_prefix.rstrip(".")
+    if not skipped_head or not name:
+        return
+    device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+    try:
+        head = model.get_submodule(name)
+    except AttributeError:
+        return  # _check_nothing_meta names what is left
+    for module in head.modules():
+        own_tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        reset = getattr(module, "reset_parameters", None)
+        if any(t.is_meta for t in own_tensors) and callable(reset):
+            module.to_empty(device=device, recurse=False)
+            reset()
+
+
+def _check_nothing_meta(model: nn.Module) -> None:
+    left = [
+        name
+        for name, t in (*model.named_parameters(), *model.named_buffers())
+        if t.is_meta  # e.g. a non-persistent buffer: never in a state_dict
+    ]
+    if left:
+        raise CheckpointError(
+            f"the model was built on the meta device and {_short_list(sorted(left))} got no "
+            "values from the checkpoint: build the model on a real device instead"
+        )
 
 
 def _short_list(keys: list[str], limit: int = 5) -> str:
@@ -190,7 +276,8 @@ def load_model(path: str | os.PathLike[str]) -> tuple[ResNet, dict[str, Any]]:
         raise CheckpointError(f"{path}: {exc}") from None
     if report.skipped_head:  # tolerated when fine-tuning; here the head must be the trained one
         raise CheckpointError(
-            f"{path}: its classifier ({', '.join(report.skipped_head)}) does not have the "
-            f"{config.get('num_classes')} classes its config names"
+            f"{path}: its weights do not hold the classifier of the "
+            f"{config.get('num_classes')} classes its config names "
+            f"({', '.join(report.skipped_head)}: {report.head_reason})"
         )
     return model.eval(), config

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -67,7 +68,8 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     device: str = "auto"
-    threads: int | None = None  # CPU threads for torch (None: torch's default)
+    # CPU threads for torch while train() runs (None or 0: leave torch's setting as it is).
+    threads: int | None = None
     seed: int = 0
     eval_batch_size: int = 500
     tensorboard: bool = False
@@ -162,8 +164,8 @@ def validate_config(config: TrainConfig) -> None:
             f"warm-up epochs must be ≥ 0, got {config.warmup_epochs}",
         ),
         (
-            config.threads is None or config.threads >= 1,
-            f"threads must be ≥ 1, got {config.threads}",
+            config.threads is None or config.threads >= 0,
+            f"threads must be ≥ 1 (or 0 for torch's default), got {config.threads}",
         ),
         (
             config.input_size is None or config.input_size >= 1,
@@ -301,23 +303,24 @@ def evaluate(
     channels_last: bool = False,
     bf16: bool = False,
 ) -> dict[str, Any]:
-    """Accuracy, mean loss, per-class accuracy and confusion matrix (rows: true class)."""
-    device = torch.device(device) if device else next(model.parameters()).device
+    """Accuracy, mean loss, per-class accuracy and confusion matrix (rows: true class).
+
+    ``model`` is any module mapping a batch to one logit per class of ``dataset``, including
+    parameter-free ones such as :class:`resunit.deploy.OnnxRuntimeModel`. Batches go to
+    ``device``, by default the model's (CPU when it has no parameters or buffers). Its
+    train/eval mode is restored afterwards, even when evaluation fails.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be ≥ 1, got {batch_size}")
+    device = torch.device(device) if device else _device_of(model)
     was_training = model.training
     model.eval()
-    k = dataset.num_classes
-    confusion = torch.zeros(k, k, dtype=torch.int64)
-    loss_sum = 0.0
-    for start in range(0, len(dataset), batch_size):
-        images = dataset.images[start : start + batch_size].to(device)
-        labels = dataset.labels[start : start + batch_size].to(device)
-        x = prepare_batch(images, dataset.mean, dataset.std, input_size, channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-        predicted = logits.argmax(1)
-        confusion += torch.bincount(labels.cpu() * k + predicted.cpu(), minlength=k * k).view(k, k)
-    model.train(was_training)
+    try:
+        confusion, loss_sum = _confusion_and_loss(
+            model, dataset, batch_size, input_size, device, channels_last, bf16
+        )
+    finally:
+        model.train(was_training)
     total = int(confusion.sum())
     per_class_total = confusion.sum(1).clamp_min(1)
     return {
@@ -330,10 +333,54 @@ def evaluate(
     }
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _confusion_and_loss(
+    model: nn.Module,
+    dataset: ImageDataset,
+    batch_size: int,
+    input_size: int | None,
+    device: torch.device,
+    channels_last: bool,
+    bf16: bool,
+) -> tuple[Tensor, float]:
+    k = dataset.num_classes
+    confusion = torch.zeros(k, k, dtype=torch.int64)
+    loss_sum = 0.0
+    for start in range(0, len(dataset), batch_size):
+        images = dataset.images[start : start + batch_size].to(device)
+        labels = dataset.labels[start : start + batch_size].to(device)
+        x = prepare_batch(images, dataset.mean, dataset.std, input_size, channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        if logits.ndim != 2 or logits.shape[1] != k:
+            # Checked before the loss, whose own error names neither side's number of classes.
+            raise ConfigError(
+                f"the model gives {_outputs_text(logits)} per image but {dataset.name} has {k} "
+                "classes: evaluate a model built for this dataset's classes"
+            )
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        predicted = logits.argmax(1)
+        confusion += torch.bincount(labels.cpu() * k + predicted.cpu(), minlength=k * k).view(k, k)
+    return confusion, loss_sum
+
+
+def _outputs_text(logits: Tensor) -> str:
+    if logits.ndim == 2:
+        return f"{logits.shape[1]} outputs"
+    return f"an output of shape {tuple(logits.shape[1:])}"
+
+
 # --- training -----------------------------------------------------------------------------
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device a ``device`` setting names: ``cpu``, ``cuda``, ``cuda:N``, or ``auto`` (CUDA
+    when a GPU is available, else CPU). Raises :class:`ConfigError` for anything else and for
+    CUDA on a machine without a GPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -343,7 +390,7 @@ def resolve_device(name: str) -> torch.device:
     if device is None or device.type not in ("cpu", "cuda"):
         raise ConfigError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but no CUDA GPU is available")
+        raise ConfigError(f"device {name!r} asked for, but no CUDA GPU is available")
     return device
 
 
@@ -483,7 +530,21 @@ def train(config: TrainConfig, progress: bool = True, resume: str | None = None)
     The summary has ``test_accuracy`` (of the final weights), ``best_val_accuracy``,
     ``run_dir``, ``epochs``, ``steps``, ``seconds``, ``images_per_second`` and
     ``interrupted`` (True when Ctrl-C stopped the run after saving a resumable checkpoint).
+
+    ``config.threads`` (the digits recipe sets 1) holds only while training: torch's thread
+    count is restored when this returns or raises, so a caller's later work is not left on
+    one thread. ``threads=0`` keeps the caller's setting throughout.
     """
+    threads = torch.get_num_threads()
+    try:
+        return _train(config, progress, resume)
+    finally:
+        # The count is process-wide; set it back only if it changed (setting is not free).
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _train(config: TrainConfig, progress: bool, resume: str | None) -> dict[str, Any]:
     state = None
     if resume is not None:
         run_dir = Path(resume)
@@ -668,7 +729,7 @@ def train(config: TrainConfig, progress: bool = True, resume: str | None = None)
                         f"acc {totals['correct'] / totals['count']:.2%} "
                         f"{totals['count'] * dist_info.world_size / max(elapsed, 1e-9):,.0f} img/s"
                     )
-                if _stop_requested(interrupt, dist_info) and step + 1 < steps_this_epoch:
+                if _stop_requested(interrupt, dist_info, device) and step + 1 < steps_this_epoch:
                     totals["seconds"] += time.perf_counter() - tick
                     bar.close()
                     if dist_info.enabled:
@@ -724,7 +785,7 @@ def train(config: TrainConfig, progress: bool = True, resume: str | None = None)
                 if progress:
                     per_epoch = (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
                     writer.echo(record, epochs, per_epoch * (epochs - epoch - 1))
-            if _stop_requested(interrupt, dist_info) and epoch + 1 < epochs:
+            if _stop_requested(interrupt, dist_info, device) and epoch + 1 < epochs:
                 interrupted = True
                 break
 
@@ -782,9 +843,7 @@ def _finite_on_every_rank(value: float, dist_info: Distributed, device: torch.de
     finite = math.isfinite(value)
     if not dist_info.enabled:
         return finite
-    flag = torch.tensor([float(finite)], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
+    return _reduce_flag(finite, torch.distributed.ReduceOp.MIN, device)
 
 
 def _non_finite_message(loss: float, step: int, epoch: int, run_dir: Path) -> str:
@@ -795,14 +854,23 @@ def _non_finite_message(loss: float, step: int, epoch: int, run_dir: Path) -> st
     return f"{where} before any checkpoint was written (try a lower --lr)"
 
 
-def _stop_requested(interrupt: _InterruptFlag, dist_info: Distributed) -> bool:
+def _stop_requested(
+    interrupt: _InterruptFlag, dist_info: Distributed, device: torch.device
+) -> bool:
     """Whether any rank saw Ctrl-C (all ranks must stop at the same step)."""
     if not dist_info.enabled:
         return interrupt.raised
-    import torch.distributed as dist
+    return _reduce_flag(interrupt.raised, torch.distributed.ReduceOp.MAX, device)
 
-    flag = torch.tensor([float(interrupt.raised)])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+
+def _reduce_flag(value: bool, op: Any, device: torch.device) -> bool:
+    """``value`` combined over all ranks with ``op`` (MIN: every rank's, MAX: any rank's).
+
+    The tensor lives on the training device: NCCL, the backend on CUDA, reduces only CUDA
+    tensors (a CPU one fails at the first step), while gloo takes the CPU ones.
+    """
+    flag = torch.tensor([float(value)], device=device)
+    torch.distributed.all_reduce(flag, op=op)
     return bool(flag.item())
 
 
@@ -942,15 +1010,23 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 __all__ = [
     "RECIPES",
+    "Distributed",
     "TrainConfig",
+    "checkpoint_config",
     "evaluate",
+    "global_step_of",
     "learning_rate",
+    "load_data",
+    "load_run_data",
     "make_config",
     "make_optimizer",
     "predict_files",
     "prepare_batch",
     "read_metrics",
+    "resolve_device",
+    "setup_distributed",
     "shard_indices",
     "train",
+    "validate_config",
     "weights_digest",
 ]
