@@ -64,7 +64,13 @@ def test_depths_need_a_plain_and_a_residual_network():
 def test_tiny_experiment_trains_every_network_and_plots_them(tmp_path):
     out = tmp_path / "degradation"
     config = DegradationConfig(depths=[20], epochs=2, out=str(out), device="cpu")
-    summary = run_degradation(config, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the digits recipe trains on 1; the caller's 2 must come back
+    try:
+        summary = run_degradation(config, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
     histories = read_histories(out)
     assert sorted(histories) == ["plain20", "resnet20"]

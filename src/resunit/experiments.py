@@ -40,6 +40,7 @@ from resunit.train import (
     make_optimizer,
     prepare_batch,
     resolve_device,
+    restore_torch_threads,
 )
 
 DEGRADATION_FORMAT = "resunit-degradation-1"
@@ -121,17 +122,18 @@ def run_degradation(
     _check_locations(out, names)
     _check_same_experiment(out, settings)
     resolve_device(recipe.device)
-    if recipe.threads:
-        torch.set_num_threads(recipe.threads)  # as resunit.train does for the same recipe
     train_set = load_dataset(recipe.data, "train", recipe.data_root)
     test_set = load_dataset(recipe.data, "test", recipe.data_root)
     write_json(out / "experiment.json", settings)
 
     start = time.perf_counter()
     histories = {}
-    for name in names:
-        histories[name] = train_network(name, recipe, train_set, test_set, out / name,
-                                        progress=progress, log=log)  # fmt: skip
+    with restore_torch_threads():
+        if recipe.threads:
+            torch.set_num_threads(recipe.threads)  # as resunit.train does for the same recipe
+        for name in names:
+            histories[name] = train_network(name, recipe, train_set, test_set, out / name,
+                                            progress=progress, log=log)  # fmt: skip
     summary = summarize_degradation(histories, recipe)
     summary["seconds_this_session"] = time.perf_counter() - start
     summary["seconds_training"] = sum(h[-1]["elapsed_seconds"] for h in histories.values())

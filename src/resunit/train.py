@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -535,12 +536,19 @@ def train(config: TrainConfig, progress: bool = True, resume: str | None = None)
     count is restored when this returns or raises, so a caller's later work is not left on
     one thread. ``threads=0`` keeps the caller's setting throughout.
     """
+    with restore_torch_threads():
+        return _train(config, progress, resume)
+
+
+@contextlib.contextmanager
+def restore_torch_threads() -> Iterator[None]:
+    """Whatever the block does to torch's (process-wide) CPU thread count is undone when it
+    ends, normally or by an exception: a recipe's ``threads`` holds only while it trains."""
     threads = torch.get_num_threads()
     try:
-        return _train(config, progress, resume)
+        yield
     finally:
-        # The count is process-wide; set it back only if it changed (setting is not free).
-        if torch.get_num_threads() != threads:
+        if torch.get_num_threads() != threads:  # setting it is not free
             torch.set_num_threads(threads)
 
 
@@ -1024,6 +1032,7 @@ __all__ = [
     "prepare_batch",
     "read_metrics",
     "resolve_device",
+    "restore_torch_threads",
     "setup_distributed",
     "shard_indices",
     "train",

@@ -82,7 +82,7 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     )
     g = p.add_argument_group("speed and reproducibility")
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    g.add_argument("--threads", type=int, help="CPU threads for torch")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (0: leave torch's default)")
     g.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
     g.add_argument(
         "--channels-last", action="store_true", default=None, help="channels_last memory format"
