@@ -101,6 +101,28 @@ def test_unknown_shortcut_kind_is_refused():
         BasicBlock(16, 16, shortcut="skip")
 
 
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: BasicBlock(0, 16), "in_channels must be an integer ≥ 1, got 0"),
+        (lambda: BasicBlock(16, -4), "planes must be an integer ≥ 1, got -4"),
+        (lambda: BasicBlock(16, 16, stride=2.0), "stride must be an integer ≥ 1, got 2.0"),
+        (lambda: BasicBlock(16, 16, stride=0), "stride must be an integer ≥ 1, got 0"),
+        (lambda: PreActBasicBlock(16.0, 16), "in_channels must be an integer ≥ 1"),
+        (lambda: Bottleneck(64, 16, base_width=1), "= 0 channels in its 3×3"),
+        (lambda: Bottleneck(64, 16, groups=0), "groups must be an integer ≥ 1, got 0"),
+        (lambda: PreActBottleneck(64, 0), "planes must be an integer ≥ 1, got 0"),
+        (lambda: BasicBlock(16, 16, shortcut=None), "unknown shortcut kind None"),
+        (lambda: BasicBlock(16, 16, shortcut="pda"), r"\(did you mean pad\?\)"),
+        (lambda: BasicBlock(8, 8, drop_path=-0.1), r"drop_path must be a number in \[0, 1\)"),
+        (lambda: BasicBlock(8, 8, drop_path="0.1"), "drop_path must be a number"),
+    ],
+)
+def test_impossible_blocks_are_config_errors(build, message):
+    with pytest.raises(ConfigError, match=message):
+        build()
+
+
 # --- option A --------------------------------------------------------------------------------
 
 

@@ -10,6 +10,8 @@ from torch import nn
 
 from resunit.errors import ConfigError
 from resunit.models import (
+    MAX_SCRIPTABLE_STAGES,
+    ModelSpec,
     ResNet,
     count_parameters,
     create_model,
@@ -209,6 +211,33 @@ def test_reset_classifier():
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 512)
 
 
+def test_reset_classifier_follows_the_model_dtype():
+    model = create_model("resnet20").double().eval()
+    model.reset_classifier(5)
+    assert model.fc.weight.dtype == torch.float64
+    assert model(torch.randn(2, 3, 8, 8, dtype=torch.float64)).shape == (2, 5)
+    with torch.device("meta"):
+        model = create_model("resnet20")
+    model.reset_classifier(4)
+    assert model.fc.weight.device.type == "meta"
+
+
+@pytest.mark.parametrize("num_classes", [-1, 2.5, True])
+def test_reset_classifier_refuses_a_bad_class_count(num_classes):
+    model = create_model("resnet20")
+    with pytest.raises(ConfigError, match="num_classes must be an integer ≥ 0"):
+        model.reset_classifier(num_classes)
+    assert model.fc.out_features == 10  # the old head is kept
+
+
+def test_count_parameters_counts_frozen_ones_unless_asked_not_to():
+    model = create_model("resnet20")
+    total = count_parameters(model)
+    model.conv1.weight.requires_grad_(False)
+    assert count_parameters(model) == total == PUBLISHED_CIFAR["resnet20"]
+    assert count_parameters(model, trainable_only=True) == total - model.conv1.weight.numel()
+
+
 def test_zero_init_residual_zeroes_every_last_bn():
     model = create_model("resnet50", zero_init_residual=True)
     assert all(torch.count_nonzero(u.bn3.weight) == 0 for u in model.units())
@@ -220,6 +249,87 @@ def test_drop_path_rate_grows_linearly_with_depth():
     rates = [u.drop_path.drop_prob for u in model.units()]
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2)
     assert all(b > a for a, b in itertools.pairwise(rates))
+
+
+# --- pre-activation with the ImageNet stem ----------------------------------------------------
+
+
+def test_preact_imagenet_stem_normalises_before_the_max_pool():
+    # He et al. 2016 / fb.resnet.torch preresnet: conv → BN → ReLU → max-pool.
+    model = ResNet("preact_bottleneck", [1, 1], widths=(8, 16), stem="imagenet", num_classes=3)
+    randomize = torch.Generator().manual_seed(0)
+    model.bn1.weight.data.uniform_(0.5, 1.5, generator=randomize)
+    model.bn1.bias.data.normal_(generator=randomize)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = model.maxpool(torch.relu(model.bn1(model.conv1(x))))
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_stem(x), expected)
+    assert list(model.state_dict())[:2] == ["conv1.weight", "bn1.weight"]
+
+
+@pytest.mark.parametrize("name", list_models("cifar-preact") + list_models("cifar-wide"))
+def test_registered_preact_models_keep_a_bare_conv_stem(name):
+    with torch.device("meta"):
+        model = create_model(name)
+    assert model.stem_type == "cifar" and not hasattr(model, "bn1")
+
+
+# --- TorchScript ----------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script itself is deprecated
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: create_model("resnet20"),
+        lambda: create_model("resnet18", num_classes=5),
+        lambda: ResNet("preact_bottleneck", [1, 2], widths=(8, 16), stem="imagenet"),
+        lambda: ResNet("preact_basic", [1, 1, 1, 1, 1], widths=(4,) * 5, stem="cifar"),
+    ],
+    ids=["resnet20", "resnet18", "preact-imagenet-stem", "five-stages"],
+)
+def test_scripted_model_equals_eager(build):
+    torch.manual_seed(0)
+    model = build().eval()
+    scripted = torch.jit.script(model)
+    assert list(scripted.state_dict()) == list(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_scripting_refuses_more_stages_than_it_can_name():
+    n = MAX_SCRIPTABLE_STAGES + 1
+    model = ResNet("basic", [1] * n, widths=(4,) * n, stem="cifar")
+    with torch.no_grad():  # eager runs every stage
+        assert model.eval()(torch.randn(1, 3, 4, 4)).shape == (1, 1000)
+    with pytest.raises(ConfigError, match=r"use torch\.jit\.trace or torch\.export"):
+        torch.jit.script(model)
+
+
+# --- the registry cannot be changed by its readers ------------------------------------------
+
+
+def test_registry_specs_are_read_only():
+    spec = get_model_spec("resnet20")
+    with pytest.raises(TypeError):
+        spec.kwargs["layers"] = [1, 1, 1]
+    with pytest.raises(TypeError):
+        spec.kwargs["layers"][0] = 1
+    options = dict(spec.kwargs)  # the documented way to start from a spec
+    options["layers"] = [1, 1, 1]
+    assert count_parameters(create_model("resnet20")) == PUBLISHED_CIFAR["resnet20"]
+
+
+def test_model_spec_freezes_what_it_is_given():
+    layers = [1, 2]
+    spec = ModelSpec("x", "test", "", {"layers": layers, "nested": {"a": [1]}})
+    layers.append(3)
+    assert spec.kwargs["layers"] == (1, 2)
+    with pytest.raises(TypeError):
+        spec.kwargs["nested"]["a"] = 2
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -239,3 +349,61 @@ def test_impossible_pad_configuration_is_refused():
     # A bottleneck's 64-channel stem into a 64·4 stage is fine; 256 → 128 is not padding.
     with pytest.raises(ConfigError, match="pad"):
         ResNet("basic", [1, 1], widths=(64, 32), stem="cifar", shortcut="pad")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"block": "Bottleneck"}, r"unknown block 'Bottleneck' \(did you mean bottleneck"),
+        ({"block": 3}, "unknown block 3: choose one of basic, bottleneck"),
+        ({"shortcut": None}, "unknown shortcut kind None: choose one of auto"),
+        ({"shortcut": "projecton"}, r"\(did you mean projection\?\)"),
+        ({"zero_init_residul": True}, r"no option 'zero_init_residul' \(did you mean zero_init_"),
+        ({"num_classes": 2.5}, "num_classes must be an integer ≥ 0, got 2.5"),
+        ({"in_chans": 0}, "in_chans must be an integer ≥ 1, got 0"),
+        ({"layers": [0, 0, 0]}, r"every entry of layers must be an integer ≥ 1, got \[0, 0, 0\]"),
+        ({"layers": [-1, 1, 1]}, "every entry of layers must be an integer ≥ 1"),
+        ({"layers": [2.0, 2, 2]}, "every entry of layers must be an integer ≥ 1"),
+        ({"layers": 3}, "layers must be a non-empty list of integers, got 3"),
+        ({"layers": []}, "layers must be a non-empty list"),
+        ({"widths": (0, 32, 64)}, "every entry of widths must be an integer ≥ 1"),
+        ({"widths": (16, 32)}, "need one width per stage"),
+        ({"stem": "imagnet"}, "unknown stem 'imagnet'"),
+        ({"stem_width": 0}, "stem_width must be an integer ≥ 1, got 0"),
+        ({"stem_width": -3}, "stem_width must be an integer ≥ 1, got -3"),
+        ({"groups": 0}, "groups must be an integer ≥ 1, got 0"),
+        ({"width_per_group": 0}, "width_per_group must be an integer ≥ 1, got 0"),
+        ({"zero_init_residual": "yes"}, "zero_init_residual must be True or False"),
+        ({"drop_path_rate": -0.1}, r"drop_path_rate must be a number in \[0, 1\), got -0.1"),
+        ({"drop_path_rate": 1.0}, "drop_path_rate must be a number in"),
+    ],
+)
+def test_bad_arguments_are_config_errors_that_say_what_to_do(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        create_model("resnet20", **overrides)
+
+
+def test_bottleneck_too_narrow_for_its_width_per_group_is_refused():
+    with pytest.raises(ConfigError, match="0 channels in its 3×3: raise base_width"):
+        # int(32 · 1 / 64) = 0 channels in the first stage's 3×3.
+        create_model("resnet50", width_per_group=1, widths=(32, 64, 128, 256))
+
+
+@pytest.mark.parametrize("name", [None, 50, "ResNet-50"])
+def test_a_name_that_is_no_model_is_a_config_error(name):
+    with pytest.raises(ConfigError, match="unknown model"):
+        create_model(name)
+
+
+def test_stem_width_is_honoured_exactly():
+    model = create_model("resnet20", stem_width=8)
+    assert model.conv1.out_channels == 8 and model.layer1[0].in_channels == 8
+
+
+def test_a_bug_inside_resnet_keeps_its_type_and_traceback(monkeypatch):
+    def broken(self, zero_init_residual):
+        raise TypeError("a genuine bug")
+
+    monkeypatch.setattr(ResNet, "_init_weights", broken)
+    with pytest.raises(TypeError, match="a genuine bug"):
+        create_model("resnet20")

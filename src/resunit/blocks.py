@@ -18,6 +18,9 @@ modules, so analysis can evaluate each branch alone and a lesion can drop the re
 
 from __future__ import annotations
 
+import difflib
+import numbers
+from collections.abc import Iterable
 from typing import ClassVar
 
 import torch.nn.functional as F
@@ -29,6 +32,26 @@ SHORTCUT_KINDS = ("auto", "projection", "pad", "avgpool", "none")
 # The paper's letters for the same choices (He et al. 2015, §4.1 "Identity vs. Projection
 # Shortcuts"): A pads, B projects only where shapes change, C projects everywhere.
 _PAPER_OPTIONS = {"a": "pad", "b": "auto", "c": "projection"}
+
+
+def _did_you_mean(word: object, choices: Iterable[str]) -> str:
+    """`` (did you mean x?)`` naming the choices closest to ``word``; empty if none is close."""
+    if not isinstance(word, str):
+        return ""
+    by_lower = {choice.lower(): choice for choice in choices}
+    close = difflib.get_close_matches(word.lower(), by_lower, n=3)
+    return f" (did you mean {', '.join(by_lower[c] for c in close)}?)" if close else ""
+
+
+def _require_int(name: str, value: object, minimum: int) -> int:
+    """``value`` as an ``int`` if it is an integer ≥ ``minimum``; a ConfigError otherwise.
+
+    Checked here because torch accepts a float stride or a zero channel count silently (or
+    fails deep inside a layer). Booleans are refused although Python counts them as ints.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+    return int(value)
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -45,11 +68,11 @@ def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 
 def normalize_shortcut_kind(kind: str) -> str:
     """Return the canonical shortcut kind for ``kind`` (also accepts the paper's A/B/C)."""
-    canonical = _PAPER_OPTIONS.get(kind.lower(), kind.lower())
+    canonical = _PAPER_OPTIONS.get(kind.lower(), kind.lower()) if isinstance(kind, str) else None
     if canonical not in SHORTCUT_KINDS:
         raise ConfigError(
-            f"unknown shortcut kind {kind!r}: choose one of {', '.join(SHORTCUT_KINDS)} "
-            "(or the paper's options A, B, C)"
+            f"unknown shortcut kind {kind!r}{_did_you_mean(kind, SHORTCUT_KINDS)}: choose one "
+            f"of {', '.join(SHORTCUT_KINDS)} (or the paper's options A, B, C)"
         )
     return canonical
 
@@ -127,7 +150,9 @@ def drop_path(x: Tensor, drop_prob: float, training: bool) -> Tensor:
     if drop_prob == 0.0 or not training:
         return x
     keep_prob = 1.0 - drop_prob
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+    # One draw per sample, broadcast over the rest (a list, not a tuple product: TorchScript).
+    shape = [x.shape[0]] + [1] * (x.dim() - 1)
+    mask = x.new_empty(shape).bernoulli_(keep_prob)
     return x * mask / keep_prob
 
 
@@ -136,9 +161,13 @@ class DropPath(nn.Module):
 
     def __init__(self, drop_prob: float = 0.0) -> None:
         super().__init__()
-        if not 0.0 <= drop_prob < 1.0:
-            raise ConfigError(f"drop_path must be in [0, 1), got {drop_prob}")
-        self.drop_prob = drop_prob
+        if (
+            isinstance(drop_prob, bool)
+            or not isinstance(drop_prob, numbers.Real)
+            or not 0.0 <= drop_prob < 1.0
+        ):
+            raise ConfigError(f"drop_path must be a number in [0, 1), got {drop_prob!r}")
+        self.drop_prob = float(drop_prob)
 
     def forward(self, x: Tensor) -> Tensor:
         return drop_path(x, self.drop_prob, self.training)
@@ -161,8 +190,9 @@ class ResidualUnit(nn.Module):
         self, in_channels: int, out_channels: int, stride: int, shortcut: str, drop_path: float
     ) -> None:
         super().__init__()
-        if stride < 1:
-            raise ConfigError(f"stride must be ≥ 1, got {stride}")
+        in_channels = _require_int("in_channels", in_channels, 1)
+        out_channels = _require_int("out_channels", out_channels, 1)
+        stride = _require_int("stride", stride, 1)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.stride = stride
@@ -235,6 +265,7 @@ class BasicBlock(ResidualUnit):
         base_width: int = 64,
         drop_path: float = 0.0,
     ) -> None:
+        planes = _require_int("planes", planes, 1)
         if groups != 1 or base_width != 64:
             raise ConfigError("BasicBlock supports only groups=1 and base_width=64")
         super().__init__(in_channels, planes * self.expansion, stride, shortcut, drop_path)
@@ -257,6 +288,22 @@ class BasicBlock(ResidualUnit):
         nn.init.zeros_(self.bn2.weight)
 
 
+def _bottleneck_width(planes: int, groups: int, base_width: int) -> int:
+    """Channels of a bottleneck's 3×3: ``int(planes · base_width / 64) · groups`` (torchvision)."""
+    planes = _require_int("planes", planes, 1)
+    groups = _require_int("groups", groups, 1)
+    base_width = _require_int("base_width", base_width, 1)
+    width = int(planes * (base_width / 64.0)) * groups
+    if width < 1:
+        # The int() rounds a narrow group down to nothing: the convolutions would be empty.
+        raise ConfigError(
+            f"a bottleneck with planes={planes}, base_width={base_width} and groups={groups} "
+            f"has int({planes}·{base_width}/64)·{groups} = 0 channels in its 3×3: raise "
+            "base_width (a ResNet's width_per_group; 64 is a plain ResNet) or planes"
+        )
+    return width
+
+
 class Bottleneck(ResidualUnit):
     """1×1 reduce → 3×3 → 1×1 expand (×4), each with BN: ``relu(F(x) + shortcut(x))``.
 
@@ -277,8 +324,8 @@ class Bottleneck(ResidualUnit):
         base_width: int = 64,
         drop_path: float = 0.0,
     ) -> None:
+        width = _bottleneck_width(planes, groups, base_width)
         super().__init__(in_channels, planes * self.expansion, stride, shortcut, drop_path)
-        width = int(planes * (base_width / 64.0)) * groups
         self.conv1 = conv1x1(in_channels, width)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = conv3x3(width, width, stride, groups)
@@ -352,6 +399,7 @@ class PreActBasicBlock(PreActUnit):
         base_width: int = 64,
         drop_path: float = 0.0,
     ) -> None:
+        planes = _require_int("planes", planes, 1)
         if groups != 1 or base_width != 64:
             raise ConfigError("PreActBasicBlock supports only groups=1 and base_width=64")
         super().__init__(in_channels, planes * self.expansion, stride, shortcut, drop_path)
@@ -387,8 +435,8 @@ class PreActBottleneck(PreActUnit):
         base_width: int = 64,
         drop_path: float = 0.0,
     ) -> None:
+        width = _bottleneck_width(planes, groups, base_width)
         super().__init__(in_channels, planes * self.expansion, stride, shortcut, drop_path)
-        width = int(planes * (base_width / 64.0)) * groups
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.conv1 = conv1x1(in_channels, width)
         self.bn2 = nn.BatchNorm2d(width)

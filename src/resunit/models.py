@@ -7,15 +7,56 @@ parameter counts and state_dict keys exactly, so its checkpoints load unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import inspect
+import numbers
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from resunit.blocks import BLOCKS, ResidualUnit, normalize_shortcut_kind
+from resunit.blocks import (
+    BLOCKS,
+    ResidualUnit,
+    _did_you_mean,
+    _require_int,
+    normalize_shortcut_kind,
+)
 from resunit.errors import ConfigError
+
+# How many stages a scripted model can run: TorchScript cannot look a stage up by a computed
+# name, so its forward names layer1 … layer8 one by one (see ResNet._forward_stages_scripted).
+MAX_SCRIPTABLE_STAGES = 8
+
+
+def _resolve_block(block: object) -> type[ResidualUnit]:
+    """The unit class for a ``block`` name or class; a ConfigError naming the choices otherwise."""
+    if isinstance(block, type) and issubclass(block, ResidualUnit):
+        return block
+    if isinstance(block, str) and block in BLOCKS:
+        return BLOCKS[block]
+    raise ConfigError(
+        f"unknown block {block!r}{_did_you_mean(block, BLOCKS)}: choose one of "
+        f"{', '.join(BLOCKS)} (or pass a ResidualUnit subclass)"
+    )
+
+
+def _int_sequence(name: str, values: object, minimum: int) -> tuple[int, ...]:
+    """``values`` as a non-empty tuple of integers ≥ ``minimum``; a ConfigError otherwise."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise ConfigError(f"{name} must be a non-empty list of integers, got {values!r}")
+    bad = [
+        v
+        for v in values
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum
+    ]
+    if bad:
+        raise ConfigError(
+            f"every entry of {name} must be an integer ≥ {minimum}, got {list(values)!r}"
+        )
+    return tuple(int(v) for v in values)
 
 
 class ResNet(nn.Module):
@@ -24,16 +65,21 @@ class ResNet(nn.Module):
     Args:
         block: unit type: ``"basic"``, ``"bottleneck"``, ``"preact_basic"``,
             ``"preact_bottleneck"`` (or the class itself).
-        layers: number of units in each stage.
+        layers: number of units in each stage (at least one each: a stage's first unit is
+            what changes the resolution and width).
         widths: "planes" of each stage; a stage outputs ``width × block.expansion`` channels.
-        stem: ``"imagenet"`` (7×7/2 conv + 3×3/2 max-pool) or ``"cifar"`` (one 3×3/1 conv).
+        stem: ``"imagenet"`` (7×7/2 conv, BN, ReLU, 3×3/2 max-pool) or ``"cifar"`` (one 3×3/1
+            conv, followed by BN and ReLU unless the units are pre-activation ones).
         stem_width: channels out of the stem (default: 64 for imagenet, ``widths[0]`` for cifar).
         num_classes: size of the classifier (0 for no classifier: features only).
         in_chans: input channels (1 for grayscale).
         shortcut: shortcut kind for every unit (see :mod:`resunit.blocks`).
         groups, width_per_group: ResNeXt cardinality and bottleneck width (64 = plain ResNet).
         zero_init_residual: start each unit's residual at zero (Goyal et al. 2017).
-        drop_path_rate: stochastic depth of the last unit; earlier units get linearly less.
+        drop_path_rate: stochastic depth of the last unit, in [0, 1); earlier units get
+            linearly less.
+
+    Every argument is checked before anything is built: a bad value is a ConfigError.
     """
 
     def __init__(
@@ -53,28 +99,48 @@ class ResNet(nn.Module):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        block_cls = BLOCKS[block] if isinstance(block, str) else block
-        if len(layers) != len(widths) or not layers:
-            raise ConfigError(f"need one width per stage: layers={layers}, widths={widths}")
-        if stem not in ("imagenet", "cifar"):
-            raise ConfigError(f"unknown stem {stem!r}: choose 'imagenet' or 'cifar'")
-        if in_chans < 1 or num_classes < 0:
+        block_cls = _resolve_block(block)
+        layers = _int_sequence("layers", layers, 1)
+        widths = _int_sequence("widths", widths, 1)
+        if len(layers) != len(widths):
             raise ConfigError(
-                f"in_chans must be ≥ 1 and num_classes ≥ 0, got {in_chans}, {num_classes}"
+                f"need one width per stage: layers={list(layers)}, widths={list(widths)}"
             )
+        if not isinstance(stem, str) or stem not in ("imagenet", "cifar"):
+            raise ConfigError(f"unknown stem {stem!r}: choose 'imagenet' or 'cifar'")
+        if stem_width is not None:  # `is None`, not `or`: stem_width=0 is an error, not a default
+            stem_width = _require_int("stem_width", stem_width, 1)
+        num_classes = _require_int("num_classes", num_classes, 0)
+        in_chans = _require_int("in_chans", in_chans, 1)
+        groups = _require_int("groups", groups, 1)
+        width_per_group = _require_int("width_per_group", width_per_group, 1)
+        if not isinstance(zero_init_residual, bool):
+            raise ConfigError(
+                f"zero_init_residual must be True or False, got {zero_init_residual!r}"
+            )
+        # Checked here, not per unit, so the message names this argument and its own value.
+        if (
+            isinstance(drop_path_rate, bool)
+            or not isinstance(drop_path_rate, numbers.Real)
+            or not 0.0 <= drop_path_rate < 1.0
+        ):
+            raise ConfigError(f"drop_path_rate must be a number in [0, 1), got {drop_path_rate!r}")
         self.block = block_cls
         self.stem_type = stem
         self.shortcut_kind = normalize_shortcut_kind(shortcut)
         self.preactivation = block_cls.preactivation
         self.in_chans = in_chans
 
-        stem_width = stem_width or (64 if stem == "imagenet" else widths[0])
+        if stem_width is None:
+            stem_width = 64 if stem == "imagenet" else widths[0]
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
         else:
             self.conv1 = nn.Conv2d(in_chans, stem_width, 3, stride=1, padding=1, bias=False)
-        # A pre-activation network normalises in the first unit instead (He et al. 2016).
-        if not self.preactivation:
+        # A pre-activation network normalises in the first unit instead (He et al. 2016), but
+        # not before a max-pool: the ImageNet stem pools BN-ReLU outputs in either ordering, as
+        # He et al. 2016 and fb.resnet.torch's preresnet.lua do (conv-BN-ReLU-maxpool).
+        if not self.preactivation or stem == "imagenet":
             self.bn1 = nn.BatchNorm2d(stem_width)
             self.relu = nn.ReLU(inplace=True)
         if stem == "imagenet":
@@ -83,7 +149,7 @@ class ResNet(nn.Module):
         total_units = sum(layers)
         unit_index = 0
         channels = stem_width
-        self.stage_names: list[str] = []
+        stage_names = []
         for stage, (depth, planes) in enumerate(zip(layers, widths, strict=True)):
             units = []
             for i in range(depth):
@@ -103,7 +169,8 @@ class ResNet(nn.Module):
                 unit_index += 1
             name = f"layer{stage + 1}"
             self.add_module(name, nn.Sequential(*units))
-            self.stage_names.append(name)
+            stage_names.append(name)
+        self.stage_names = stage_names
         self.num_features = channels
 
         if self.preactivation:
@@ -130,6 +197,7 @@ class ResNet(nn.Module):
     # --- structure -------------------------------------------------------------------------
 
     @property
+    @torch.jit.unused  # looks stages up by a computed name, which TorchScript cannot compile
     def stages(self) -> list[nn.Sequential]:
         """The stages in order (``layer1``, ``layer2``, …)."""
         return [getattr(self, name) for name in self.stage_names]
@@ -146,24 +214,64 @@ class ResNet(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------
 
+    # The optional layers are tested with hasattr, not with flags: TorchScript resolves hasattr
+    # on a module while compiling and skips the branch for a layer this model does not have.
+
     def forward_stem(self, x: Tensor) -> Tensor:
         x = self.conv1(x)
-        if not self.preactivation:
+        if hasattr(self, "bn1"):
             x = self.relu(self.bn1(x))
-        if self.stem_type == "imagenet":
+        if hasattr(self, "maxpool"):
             x = self.maxpool(x)
         return x
 
     def _finish_features(self, x: Tensor) -> Tensor:
-        if self.preactivation:
+        if hasattr(self, "final_bn"):
             x = self.final_relu(self.final_bn(x))
         return x
+
+    @torch.jit.unused
+    def _forward_stages(self, x: Tensor) -> Tensor:
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def _forward_stages_scripted(self, x: Tensor) -> Tensor:
+        # Unrolled by the compiler to exactly this model's stages (layer1 always exists);
+        # __prepare_scriptable__ refuses models with more stages than are named here.
+        x = self.layer1(x)
+        if hasattr(self, "layer2"):
+            x = self.layer2(x)
+        if hasattr(self, "layer3"):
+            x = self.layer3(x)
+        if hasattr(self, "layer4"):
+            x = self.layer4(x)
+        if hasattr(self, "layer5"):
+            x = self.layer5(x)
+        if hasattr(self, "layer6"):
+            x = self.layer6(x)
+        if hasattr(self, "layer7"):
+            x = self.layer7(x)
+        if hasattr(self, "layer8"):
+            x = self.layer8(x)
+        return x
+
+    def __prepare_scriptable__(self) -> ResNet:
+        # torch.jit.script calls this first: a deeper model would silently lose its last stages.
+        if len(self.stage_names) > MAX_SCRIPTABLE_STAGES:
+            raise ConfigError(
+                f"TorchScript can run at most {MAX_SCRIPTABLE_STAGES} stages and this model has "
+                f"{len(self.stage_names)}: use torch.jit.trace or torch.export instead"
+            )
+        return self
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Image batch → last feature map (before pooling)."""
         x = self.forward_stem(x)
-        for stage in self.stages:
-            x = stage(x)
+        if torch.jit.is_scripting():
+            x = self._forward_stages_scripted(x)
+        else:
+            x = self._forward_stages(x)
         return self._finish_features(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -185,22 +293,46 @@ class ResNet(nn.Module):
         return maps
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a freshly initialised one for ``num_classes`` classes."""
+        """Replace the head with a freshly initialised one for ``num_classes`` classes (0: no
+        head, the pooled features come out). It gets the dtype and device of the model's
+        parameters, so a model already moved or cast keeps working."""
+        num_classes = _require_int("num_classes", num_classes, 0)
+        like = self.conv1.weight
         self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self.fc = (
+            nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype)
+            if num_classes
+            else nn.Identity()
+        )
 
 
 # --- registry ----------------------------------------------------------------------------
 
 
+def _frozen(value: Any) -> Any:
+    """``value`` with every list made a tuple and every mapping read-only, recursively."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registered architecture: the ``ResNet`` arguments plus what a table shows about it."""
+    """A registered architecture: the ``ResNet`` arguments plus what a table shows about it.
+
+    ``kwargs`` is read-only (lists become tuples): a caller editing the spec it was handed
+    must not change what every later ``create_model`` builds.
+    """
 
     name: str
     family: str
     description: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kwargs", _frozen(self.kwargs))
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -324,16 +456,12 @@ def default_input_shape(name: str) -> tuple[int, int, int]:
 
 def get_model_spec(name: str) -> ModelSpec:
     """The registry entry for ``name``; a clear error naming close matches otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        import difflib
-
-        close = difflib.get_close_matches(name, _REGISTRY, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise ConfigError(
-            f"unknown model {name!r}{hint}; `resunit models` lists the available ones"
-        ) from None
+            f"unknown model {name!r}{_did_you_mean(name, _REGISTRY)}; "
+            "`resunit models` lists the available ones"
+        )
+    return _REGISTRY[name]
 
 
 def create_model(
@@ -345,23 +473,32 @@ def create_model(
     """Build a registered model, e.g. ``create_model("resnet20", num_classes=10, in_chans=1)``.
 
     ``overrides`` replace any :class:`ResNet` argument (``shortcut="B"``,
-    ``zero_init_residual=True``, ``drop_path_rate=0.1`` …).
+    ``zero_init_residual=True``, ``drop_path_rate=0.1`` …). An unknown argument name or a bad
+    value is a ConfigError; ``None`` for ``num_classes``/``in_chans`` keeps the registered value.
     """
     kwargs = dict(get_model_spec(name).kwargs)
+    # Names are checked here, so that a TypeError from ResNet below is a bug, not a typo.
+    options = list(inspect.signature(ResNet).parameters)
+    unknown = [key for key in overrides if key not in options]
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(
+            f"cannot build {name!r}: it has no option {key!r}{_did_you_mean(key, options)}; "
+            f"the options are {', '.join(options)}"
+        )
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
     kwargs.update(overrides)
-    try:
-        return ResNet(**kwargs)
-    except TypeError as exc:  # an override that ResNet does not take
-        raise ConfigError(f"cannot build {name!r}: {exc}") from None
+    return ResNet(**kwargs)
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of learnable parameters (what papers and torchvision's tables report)."""
-    return sum(p.numel() for p in model.parameters())
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters, frozen ones included (what papers and torchvision's tables
+    report); ``trainable_only=True`` counts only those with ``requires_grad``. Buffers (BN
+    running statistics) are never counted; a parameter shared by two modules counts once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def model_parameter_count(name: str, **overrides: Any) -> int:
