@@ -45,3 +45,16 @@ def test_write_json_replaces_whole_files_and_a_failed_write_keeps_the_old_one(tm
         write_json(tmp_path / "missing-link" / "a.json", {})  # below a dangling symlink
     assert sorted(p.name for p in tmp_path.iterdir()) == ["missing-link", "summary.json"]
     assert json.loads(path.read_text()) == {"accuracy": 0.75}
+
+
+def test_files_written_atomically_get_the_mode_a_plain_open_would(tmp_path):
+    # mkstemp makes its file 0600; a report or exported model must be as readable as any
+    # file the user writes (0644 under the usual umask 022).
+    previous = os.umask(0o022)
+    try:
+        path = write_json(tmp_path / "summary.json", {})
+        plain = tmp_path / "plain.json"
+        plain.write_text("{}")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o644
