@@ -53,6 +53,14 @@ def test_explicit_options_win_over_the_recipe():
     assert make_config().recipe == "fast" and make_config().flip is False  # never flip digits
 
 
+def test_an_explicit_epoch_count_beats_the_recipes_step_count():
+    # he2015 counts 64k steps; `--epochs 1` must mean one epoch, not hours of training.
+    assert make_config(data="cifar10").steps == 64_000
+    one_epoch = make_config(data="cifar10", epochs=1)
+    assert one_epoch.steps is None and one_epoch.epochs == 1
+    assert make_config(data="cifar10", epochs=1, steps=10).steps == 10  # both given: steps
+
+
 def test_warmup_cosine_and_onecycle_shapes():
     c = TrainConfig(lr=1.0, schedule="cosine", warmup_epochs=1)
     lrs = [learning_rate(c, s, 100, 10) for s in range(100)]

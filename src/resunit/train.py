@@ -140,6 +140,10 @@ def make_config(recipe: str | None = None, **options: Any) -> TrainConfig:
         preset = dict(RECIPES[recipe])
     if "data" in options and "data" in preset and preset["data"] != options["data"]:
         preset.pop("data")  # e.g. he2015 on cifar100: keep the schedule, use the asked data
+    if "epochs" in options and "steps" not in options:
+        # The user's length beats the recipe's: he2015 counts steps (64k), which would
+        # otherwise outrank an explicit --epochs and train for hours instead of one epoch.
+        preset.pop("steps", None)
     config = TrainConfig(**{**preset, **options, "recipe": recipe})
     validate_config(config)
     return config

@@ -37,14 +37,31 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         "--model",
         help=f"registered model name (`resunit models`; built-in default {defaults.model})",
     )
-    g.add_argument("--data", choices=DATASETS, help="dataset (default: digits)")
+    g.add_argument(
+        "--data", choices=DATASETS, help="dataset (default: digits; cifar10 with --recipe he2015)"
+    )
     g.add_argument("--data-root", help="directory holding the dataset (CIFAR: default data/)")
-    g.add_argument("--recipe", choices=sorted(RECIPES), help="named preset of hyper-parameters")
+    g.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        help="named preset of hyper-parameters (default: fast on digits, he2015 on CIFAR)",
+    )
     g.add_argument("--out", help="run directory (default runs/DATA-MODEL-TIMESTAMP)")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from last.pt")
     g = p.add_argument_group("schedule")
-    g.add_argument("--epochs", type=int, help="number of epochs")
-    g.add_argument("--steps", type=int, help="number of iterations (overrides --epochs)")
+    g.add_argument(
+        "--epochs",
+        type=int,
+        help=f"number of epochs (default: {RECIPES['fast']['epochs']} on digits; he2015/CIFAR "
+        f"counts {RECIPES['he2015']['steps']:,} steps unless --epochs is given; else "
+        f"{TrainConfig().epochs})",
+    )
+    g.add_argument(
+        "--steps",
+        type=int,
+        help=f"number of iterations, overriding --epochs (default: "
+        f"{RECIPES['he2015']['steps']:,} with he2015/CIFAR, else set by --epochs)",
+    )
     g.add_argument("--batch-size", type=int, help="images per step per process")
     g.add_argument("--lr", type=float, help="peak learning rate")
     g.add_argument("--momentum", type=float, help="SGD momentum")
@@ -82,7 +99,12 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     )
     g = p.add_argument_group("speed and reproducibility")
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    g.add_argument("--threads", type=int, help="CPU threads for torch (0: leave torch's default)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        help=f"CPU threads for torch (default: {RECIPES['fast']['threads']} on digits, else "
+        "torch's own; 0: leave torch's setting)",
+    )
     g.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
     g.add_argument(
         "--channels-last", action="store_true", default=None, help="channels_last memory format"
@@ -103,7 +125,7 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_train)
 
 
-_OWN_DEFAULT_TEXT = {"model", "data", "data_root", "out"}
+_OWN_DEFAULT_TEXT = {"model", "data", "data_root", "out", "epochs", "steps", "threads"}
 
 
 def _default_text(name: str) -> str:
