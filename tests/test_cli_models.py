@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from resunit.cli import main
 from resunit.models import list_models
 
@@ -66,3 +68,22 @@ def test_output_cut_short_by_its_reader_is_quiet_not_a_traceback():
     err = writer.stderr.read().decode()
     writer.wait(timeout=60)
     assert err == "" and writer.returncode == 141
+
+
+@pytest.mark.parametrize(
+    "argv, command",
+    [
+        (["eval", "--checkpoint", "a.pt", "b.pt"], "resunit eval"),
+        (["data", "download", "cifar10", "--bogus"], "resunit data download"),
+        (["--bogus"], "resunit"),
+    ],
+)
+def test_an_unrecognized_argument_names_the_help_of_the_command_it_was_given_to(
+    argv, command, capsys
+):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{command}: error: unrecognized arguments: {argv[-1]}")
+    assert err.rstrip().endswith(f"(see {command} --help)") and err.count("\n") == 1

@@ -210,6 +210,22 @@ def test_training_on_digits_learns_and_writes_the_run_directory(tmp_path):
     assert evaluate(model, test)["accuracy"] == pytest.approx(summary["test_accuracy"])
 
 
+def test_without_a_validation_split_best_pt_holds_the_final_weights(tmp_path):
+    # A learning rate too small to learn: training accuracy then wanders, so the last epoch
+    # is not the one with the best training accuracy, which used to pick best.pt.
+    summary = train(_quick(tmp_path, epochs=3, lr=1e-6), progress=False)
+    accuracy = [m["train_accuracy"] for m in read_metrics(tmp_path / "run")]
+    assert accuracy[-1] < max(accuracy)  # the case this test is about
+    best, last = (
+        read_checkpoint(tmp_path / "run" / "best.pt"),
+        read_checkpoint(tmp_path / "run" / "last.pt"),
+    )
+    assert best["epoch"] == last["epoch"] == summary["best_epoch"] == 3
+    assert summary["best_val_accuracy"] is None
+    for key, tensor in last["model"].items():
+        assert torch.equal(best["model"][key], tensor), key
+
+
 def test_same_seed_same_weights_on_cpu(tmp_path):
     a = train(_quick(tmp_path, "a", epochs=1), progress=False)
     b = train(_quick(tmp_path, "b", epochs=1), progress=False)

@@ -780,9 +780,13 @@ def _train(config: TrainConfig, progress: bool, resume: str | None) -> dict[str,
                     bf16=config.bf16,
                 )
                 record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-            # The test set never picks a checkpoint: validation if carved, else training accuracy.
+            # The test set never picks a checkpoint. With a validation split, best.pt is the
+            # epoch that scores best on it. Without one, nothing held out can judge epochs, and
+            # accuracy on augmented training batches is a poor judge (it favours mid-schedule
+            # epochs over the final ones the schedule was built to end on), so best.pt simply
+            # follows the latest weights.
             score = record.get("val_accuracy", record["train_accuracy"])
-            is_best = score > best_score
+            is_best = score > best_score or val_set is None
             if is_best:
                 best_score, best_epoch = score, epoch + 1
             if dist_info.is_main:

@@ -85,7 +85,7 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         "--val-fraction",
         type=float,
         help="carve this fraction of train as validation, on which best.pt is picked "
-        "(without one, best.pt is the epoch of best training accuracy; never the test set)",
+        "(without one, best.pt holds the final weights; never picked on the test set)",
     )
     g.add_argument("--input-size", type=int, help="resize images to N×N before the model")
     g.add_argument(
@@ -244,7 +244,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
                 f"{summary['best_val_accuracy']:.2%} (epoch {summary['best_epoch']})",
             )
         )
-    rows.append(("test accuracy", f"{summary['test_accuracy']:.2%}"))
+    # The final weights are what last.pt holds (and best.pt, unless validation picked an
+    # earlier epoch): say which, so `resunit eval best.pt` giving another number is no surprise.
+    rows.append(("test accuracy, final weights", f"{summary['test_accuracy']:.2%}"))
     rows.append(("run directory", summary["run_dir"]))
     print(format_table(["", "result"], rows))
 
