@@ -105,9 +105,20 @@ def test_bench_prints_every_variant_with_ratios(capsys):
 def test_bench_table_includes_onnxruntime(capsys):
     argv = ["bench", "resnet20", "--input", "3x8x8", "--batch", "2", "--repeats", "1"]
     assert main([*argv, "--variants", "eager,onnxruntime"]) == 0
-    printed = capsys.readouterr().out
-    assert "× onnxruntime" in printed
-    assert any(line.startswith("onnxruntime") for line in printed.splitlines())
+    captured = capsys.readouterr()
+    assert "× best ORT" in captured.out
+    assert any(line.startswith("onnxruntime") for line in captured.out.splitlines())
+    assert "building 2 variants" in captured.err  # progress goes to stderr, not the table
+
+
+@needs_onnx
+def test_bench_ratio_to_onnxruntime_is_to_the_faster_of_its_two_modes(capsys):
+    argv = ["bench", "resnet20", "--input", "3x8x8", "--batch", "2", "--repeats", "1", "--json"]
+    assert main([*argv, "--variants", "eager,onnxruntime,onnxruntime_spin"]) == 0
+    rows = {r["variant"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    faster = max(rows[n]["images_per_second"] for n in ("onnxruntime", "onnxruntime_spin"))
+    for row in rows.values():
+        assert row["vs_onnxruntime"] == pytest.approx(row["images_per_second"] / faster)
 
 
 @pytest.mark.parametrize(
