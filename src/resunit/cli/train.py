@@ -269,10 +269,12 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         "--split",
         default="test",
         choices=("train", "val", "test"),
-        help="which split (val: the part of train the run held out, when it did; train then "
-        "excludes it)",
+        help="which split (default: test; val: the part of train the run held out, when it did; "
+        "train then excludes it)",
     )
-    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
+    p.add_argument(
+        "--batch-size", type=int, default=500, help="images per forward pass (default: 500)"
+    )
     p.add_argument("--plot", help="confusion-matrix PNG path (default: next to the checkpoint)")
     add_json_flag(p)
     p.set_defaults(handler=run_eval)
@@ -336,11 +338,14 @@ def _register_predict(subparsers: argparse._SubParsersAction) -> None:
         "predict",
         help="top-k classes of image files",
         description="Classify image files of any size or mode (grayscale, RGB, RGBA, palette): "
-        "each is converted and resized to what the model was trained on.",
+        "each is converted and resized to what the model was trained on. Transparent pixels "
+        "are laid on white, as a viewer shows them.",
     )
     p.add_argument("--checkpoint", required=True, help="a best.pt or last.pt from `resunit train`")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    p.add_argument("--top-k", type=int, default=3, help="how many classes to show per image")
+    p.add_argument(
+        "--top-k", type=int, default=3, help="how many classes to show per image (default: 3)"
+    )
     p.add_argument(
         "--invert",
         action="store_true",
@@ -354,6 +359,8 @@ def _register_predict(subparsers: argparse._SubParsersAction) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     from resunit.train import predict_files
 
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k must be ≥ 1, got {args.top_k}")
     results = predict_files(args.checkpoint, args.images, top_k=args.top_k, invert=args.invert)
     if args.json:
         print_json(results)
