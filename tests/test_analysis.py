@@ -3,6 +3,7 @@ lesions against hand-built forwards, gradient norms against autograd in float64.
 
 from __future__ import annotations
 
+import copy
 import errno
 from pathlib import Path
 
@@ -10,10 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from resunit import analysis
 from resunit.analysis import (
+    ShortcutOnly,
     can_lesion,
+    count_multiply_adds,
     counterparts,
     gradient_flow,
+    input_shape_of,
     inspect_model,
     inspect_unit,
     layer_gradient_norms,
@@ -178,8 +183,112 @@ def test_parse_input_shape_rejects_nonsense(text):
 
 
 def test_input_channels_must_match_the_model():
-    with pytest.raises(ConfigError, match="3 input channels"):
+    # The message names the argument for API callers and the flag for CLI users.
+    with pytest.raises(ConfigError, match=r"3 input channels .*input_shape, --input"):
         inspect_model(meta_model("resnet20"), (1, 32, 32))
+
+
+def test_unit_errors_name_the_arguments_and_the_flags():
+    with pytest.raises(ConfigError, match=r"\(in_channels, out_channels, stride\)"):
+        make_unit(0, 64)
+    with pytest.raises(ConfigError, match=r"out_channels \(--out-channels\) must be a multiple"):
+        make_unit(64, 130, block="bottleneck")
+    with torch.device("meta"):
+        unit = make_unit(64, 128)
+    with pytest.raises(ConfigError, match=r"size: the input's height and width"):
+        inspect_unit(unit, 0)
+
+
+def test_input_shape_of_a_model():
+    assert input_shape_of(meta_model("resnet50")) == (3, 224, 224)
+    assert input_shape_of(meta_model("resnet20", in_chans=1)) == (1, 32, 32)
+
+
+# --- counting in any dtype, on any device -----------------------------------------------------
+
+
+def _basic_unit_macs(cin: int, cout: int, out_pixels: int) -> int:
+    """Hand count of a projection BasicBlock: two 3×3 convs and a 1×1 conv, per output pixel."""
+    return out_pixels * cout * (cin * 9 + cout * 9 + cin)
+
+
+@pytest.mark.parametrize("where", ["float32", "float64", "meta"])
+def test_count_multiply_adds_in_any_dtype_and_on_meta(where):
+    if where == "meta":
+        with torch.device("meta"):
+            unit = make_unit(16, 32, stride=2)
+    else:
+        unit = make_unit(16, 32, stride=2).to(getattr(torch, where))
+    assert count_multiply_adds(unit, (16, 8, 8)) == _basic_unit_macs(16, 32, 4 * 4)
+
+
+def test_float64_models_inspect_like_float32_ones():
+    # The example input takes the model's dtype: no "expected scalar type Float" error.
+    model = create_model("resnet20").double()
+    result = inspect_model(model)
+    assert result["total_macs"] == inspect_model(meta_model("resnet20"))["total_macs"]
+    assert count_multiply_adds(model, (3, 32, 32)) == result["total_macs"]
+    walk = inspect_unit(make_unit(16, 32, stride=2).double(), 8)
+    assert walk["total_macs"] == _basic_unit_macs(16, 32, 4 * 4)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "macs"),
+    [("resnet50", (3, 224, 224), 4_089_184_256), ("resnet18", (3, 224, 224), 1_814_073_344),
+     ("resnet20", (3, 32, 32), 40_551_040)],
+)  # fmt: skip
+def test_count_multiply_adds_is_the_total_of_inspect(name, shape, macs):
+    # torchvision's table (4.089 and 1.814 GMACs) and He et al. (40.55 M), to the unit.
+    assert count_multiply_adds(meta_model(name), shape) == macs
+    assert inspect_model(meta_model(name), shape)["total_macs"] == macs
+
+
+# --- every function leaves the model's train/eval modes as they were ----------------------------
+
+
+def _mixed_modes(model):
+    """Train mode with one BN frozen in eval mode, as when fine-tuning: a single model-wide
+    flag cannot restore this."""
+    model.train()
+    next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).eval()
+    return [m.training for m in model.modules()]
+
+
+def test_inspection_restores_every_module_mode():
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    modes = _mixed_modes(model)
+    inspect_model(model, (1, 8, 8))
+    assert [m.training for m in model.modules()] == modes
+    unit = make_unit(16, 32, stride=2)
+    unit_modes = _mixed_modes(unit)
+    inspect_unit(unit, 8)
+    assert [m.training for m in unit.modules()] == unit_modes
+
+
+def test_modes_are_restored_when_the_work_fails(monkeypatch, digits_batch):
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    modes = _mixed_modes(model)
+    with pytest.raises(RuntimeError):  # 3-channel images into a 1-channel model
+        residual_ratios(model, [torch.zeros(2, 3, 8, 8)])
+    assert [m.training for m in model.modules()] == modes
+
+    def fail(*args):
+        raise RuntimeError("counter failed")
+
+    monkeypatch.setattr(analysis, "count_macs", fail)
+    with pytest.raises(RuntimeError, match="counter failed"):
+        inspect_model(model, (1, 8, 8))
+    assert [m.training for m in model.modules()] == modes
+
+
+def test_residual_ratios_and_gradient_norms_restore_modes(digits_test, digits_batch):
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    modes = _mixed_modes(model)
+    residual_ratios(model, [digits_batch[:8]])
+    assert [m.training for m in model.modules()] == modes
+    model.eval()
+    layer_gradient_norms(model, digits_batch[:8], digits_test.labels[:8])
+    assert not any(m.training for m in model.modules())
 
 
 # --- residual ratios -----------------------------------------------------------------------
@@ -241,6 +350,70 @@ def test_mean_ratio_per_stage_averages_within_stages():
 
 
 # --- lesion ---------------------------------------------------------------------------------
+
+
+def _with_statistics(unit, seed=0):
+    """Non-trivial BN statistics and affine parameters, as a trained unit has."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in unit.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g))
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g))
+    return unit.eval()
+
+
+def _without_residual(unit):
+    """A copy whose residual branch computes exactly 0: its last BN's scale and shift zeroed
+    (post-activation), or its last conv zeroed (pre-activation units end with a conv)."""
+    unit = copy.deepcopy(unit)
+    with torch.no_grad():
+        if unit.preactivation:
+            last = unit.conv3 if hasattr(unit, "conv3") else unit.conv2
+            last.weight.zero_()
+        else:
+            last = unit.bn3 if hasattr(unit, "bn3") else unit.bn2
+            last.weight.zero_()
+            last.bias.zero_()
+    return unit
+
+
+@pytest.mark.parametrize(
+    ("block", "in_channels", "out_channels", "stride", "shortcut"),
+    [
+        ("basic", 16, 32, 2, "projection"),
+        ("bottleneck", 32, 64, 2, "projection"),
+        ("bottleneck", 64, 64, 1, "avgpool"),  # identity (shapes match)
+        ("preact_basic", 16, 32, 2, "projection"),
+        ("preact_bottleneck", 64, 64, 1, "auto"),
+    ],
+)
+def test_lesioned_unit_is_the_unit_with_a_zero_residual(
+    block, in_channels, out_channels, stride, shortcut
+):
+    torch.manual_seed(0)
+    unit = _with_statistics(make_unit(in_channels, out_channels, stride, block, shortcut))
+    # Inputs of both signs: a pre-activation unit reads the previous sum, not a ReLU output.
+    x = torch.randn(2, in_channels, 8, 8, generator=torch.Generator().manual_seed(1))
+    before = x.clone()
+    with torch.no_grad():
+        expected = _without_residual(unit)(x.clone())
+        assert not torch.equal(expected, unit(x.clone()))  # F(x) really was removed
+        actual = ShortcutOnly(unit)(x)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    assert torch.equal(x, before), "the lesion never writes into its input"
+    if not unit.preactivation and unit.downsample is not None:
+        # The projection's BN output has negative values; the ReLU after the sum removes them.
+        assert actual.min() == 0 and unit.shortcut(x).min() < 0
+
+
+def test_lesion_of_a_plain_unit_is_the_identity():
+    unit = make_unit(16, 16, shortcut="none").eval()
+    x = torch.randn(1, 16, 4, 4)
+    assert ShortcutOnly(unit)(x) is x
 
 
 def test_lesion_replaces_a_unit_by_its_shortcut_and_restores_it(digits_batch):
@@ -321,11 +494,19 @@ def test_gradient_norms_match_autograd_in_float64(digits_test, digits_batch):
 
 
 def test_gradient_flow_compares_same_layers_of_both_versions(digits_test, digits_batch):
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
     flow = gradient_flow("resnet20", digits_batch, digits_test.labels[:96], num_classes=10,
-                         in_chans=1)  # fmt: skip
+                         in_chans=1, seed=5)  # fmt: skip
+    # The caller's random stream goes on as if gradient_flow had not run.
+    assert torch.equal(torch.get_rng_state(), state)
     assert flow["labels"] == {"residual": "resnet20", "plain": "resnet20 without shortcuts"}
     assert [r["layer"] for r in flow["residual"]] == [r["layer"] for r in flow["plain"]]
     assert all(r["grad_norm"] > 0 for r in flow["residual"] + flow["plain"])
+    # Seeded as torch.manual_seed(seed) would: the same initialisation, the same norms.
+    torch.manual_seed(5)
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    assert flow["residual"] == layer_gradient_norms(model, digits_batch, digits_test.labels[:96])
 
 
 # --- plots: atomic, closed, one-line errors ----------------------------------------------------

@@ -5,12 +5,16 @@ import json
 import resource
 import subprocess
 import sys
+import threading
+import time
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from resunit import deploy
+from resunit import analysis, deploy
+from resunit.blocks import BasicBlock
 from resunit.deploy import (
     DeployError,
     count_multiply_adds,
@@ -22,7 +26,7 @@ from resunit.deploy import (
     relative_difference,
 )
 from resunit.errors import ConfigError
-from resunit.models import create_model, get_model_spec, list_models, model_parameter_count
+from resunit.models import ResNet, create_model, get_model_spec, list_models, model_parameter_count
 
 needs_onnx = pytest.mark.skipif(not deploy.onnx_available(), reason="needs the [onnx] extra")
 
@@ -129,6 +133,66 @@ def test_preactivation_keeps_only_batchnorms_that_follow_an_addition():
     assert folded.folded_batchnorms == 54  # bn2 of each of the 54 units
 
 
+class _TracedBasicBlock(BasicBlock):
+    """A user's subclass: the same layers, so it must fold exactly like a BasicBlock."""
+
+
+class _ExtraNormBlock(BasicBlock):
+    """A subclass with a BN after the residual's last BN: nothing to fold that one into."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bn_extra = nn.BatchNorm2d(self.out_channels)
+
+    def residual(self, x):
+        return self.bn_extra(super().residual(x))
+
+
+def _subclass_model(block):
+    torch.manual_seed(0)
+    model = ResNet(block, [1, 1, 1], (8, 16, 32), stem="cifar", num_classes=10)
+    return _with_trained_statistics(model).eval()
+
+
+def test_subclasses_of_the_units_are_folded():
+    model = _subclass_model(_TracedBasicBlock)
+    x = _input("resnet20")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # everything folded: no warning
+        folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert folded.folded_batchnorms == 1 + 3 * 2 + 2  # stem, two per unit, two projections
+    with torch.no_grad():
+        assert relative_difference(folded(x), model(x)) <= 1e-5
+
+
+def test_batchnorms_left_unfolded_are_counted_in_a_warning():
+    model = _subclass_model(_ExtraNormBlock)
+    x = _input("resnet20")
+    with pytest.warns(
+        UserWarning, match=r"left 3 BatchNorm layer\(s\) unfolded \(layer1.0.bn_extra"
+    ):
+        folded = fold_batchnorm(model)
+    with torch.no_grad():
+        assert relative_difference(folded(x), model(x)) <= 1e-5
+
+
+def test_sync_batchnorm_is_folded():
+    model = _model("resnet20")
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
+    folded = fold_batchnorm(synced)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    x = _input("resnet20")
+    with torch.no_grad():
+        assert relative_difference(folded(x), model(x)) <= 1e-5
+
+
+def test_preactivation_folding_warns_about_nothing():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the BNs after additions are kept by design
+        fold_batchnorm(_model("preact_resnet110"))
+
+
 def test_folding_leaves_the_original_untouched():
     model = _model("resnet20").train()
     before = copy.deepcopy(model.state_dict())
@@ -205,17 +269,153 @@ def test_relative_difference_is_relative_to_the_output_scale():
 
 
 def test_multiply_adds_match_published_counts():
-    # torchvision's model table: ResNet-18 1.81 and ResNet-50 4.09 GFLOPS (multiply-adds).
-    assert count_multiply_adds(create_model("resnet18"), (3, 224, 224)) / 1e9 == pytest.approx(
-        1.81, abs=0.01
+    # torchvision's model table: ResNet-18 1.814 and ResNet-50 4.089 GFLOPS (multiply-adds).
+    assert round(count_multiply_adds(create_model("resnet18"), (3, 224, 224)) / 1e9, 3) == 1.814
+    assert round(count_multiply_adds(create_model("resnet50"), (3, 224, 224)) / 1e9, 3) == 4.089
+    # He et al. 2015: ResNet-20 on CIFAR, 40.55M multiply-adds; the same in float64.
+    resnet20 = create_model("resnet20")
+    assert count_multiply_adds(resnet20, (3, 32, 32)) / 1e6 == pytest.approx(40.55, abs=0.005)
+    assert count_multiply_adds(resnet20.double(), (3, 32, 32)) == count_multiply_adds(
+        resnet20, (3, 32, 32)
     )
-    assert count_multiply_adds(create_model("resnet50"), (3, 224, 224)) / 1e9 == pytest.approx(
-        4.09, abs=0.01
-    )
-    # He et al. 2015: ResNet-20 on CIFAR, about 41M multiply-adds.
-    assert count_multiply_adds(create_model("resnet20"), (3, 32, 32)) / 1e6 == pytest.approx(
-        41, abs=1
-    )
+    # One counter for deploy and analysis (inspect's totals).
+    assert deploy.count_multiply_adds is analysis.count_multiply_adds
+
+
+def test_multiply_adds_leave_the_model_as_it_was():
+    model = _model("resnet20").train()
+    before = copy.deepcopy(model.state_dict())
+    count_multiply_adds(model, (3, 32, 32))
+    assert model.training  # and BN's running statistics did not see the zero image
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# --- threads -----------------------------------------------------------------------------------
+
+
+class _SlowRecorder(nn.Module):
+    """Records, during each call, the inductor setting and how many calls overlap."""
+
+    def __init__(self):
+        super().__init__()
+        self.lock = threading.Lock()
+        self.active = self.most_active = 0
+        self.freezing_seen: list[bool] = []
+
+    def forward(self, x):
+        import torch._inductor.config as inductor_config
+
+        with self.lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        time.sleep(0.05)  # long enough for the other threads to enter and leave around it
+        self.freezing_seen.append(inductor_config.freezing)
+        with self.lock:
+            self.active -= 1
+        return x
+
+
+def _in_threads(fn, n=4):
+    barrier = threading.Barrier(n)
+    results, errors = [None] * n, []
+
+    def run(i):
+        barrier.wait()
+        try:
+            results[i] = fn(i)
+        except Exception as exc:  # re-raised in the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_inference_model_keeps_its_settings_for_every_concurrent_call():
+    import torch._inductor.config as inductor_config
+
+    recorder = _SlowRecorder()
+    model = deploy.InferenceModel(recorder, channels_last=False, inductor_config={"freezing": True})
+    # Patched per call, the first call to finish would switch freezing off under the others.
+    _in_threads(lambda i: model(torch.zeros(1, 3, 4, 4)))
+    assert recorder.most_active == 1, "the first calls of one shape (compilations) take turns"
+    _in_threads(lambda i: model(torch.zeros(1, 3, 4, 4)))
+    assert recorder.freezing_seen == [True] * 8
+    assert inductor_config.freezing is False  # restored once the last call left
+
+
+def test_a_shared_setting_is_undone_by_the_last_thread_out():
+    # How a process-wide setting (oneDNN fusion; inductor's settings before torch 2.13) is
+    # held: applied by the first caller in, undone by the last one out, whatever the order.
+    state = {"value": "original"}
+
+    def apply(value):
+        before, state["value"] = state["value"], value
+        return lambda: state.update(value=before)
+
+    setting = deploy._SharedSetting(apply)
+    inside, leave = threading.Event(), threading.Event()
+
+    def worker():
+        with setting.hold("fast"):
+            inside.set()
+            leave.wait()
+
+    thread = threading.Thread(target=worker)
+    with setting.hold("fast"):
+        thread.start()
+        assert inside.wait(5)  # the same value: no waiting
+    assert state["value"] == "fast"  # the first one out left it on for the worker
+    leave.set()
+    thread.join()
+    assert state["value"] == "original"
+
+
+def test_a_shared_setting_makes_other_values_wait():
+    state = {"value": "original"}
+
+    def apply(value):
+        before, state["value"] = state["value"], value
+        return lambda: state.update(value=before)
+
+    setting = deploy._SharedSetting(apply)
+    entered = threading.Event()
+    seen = []
+
+    def other():
+        with setting.hold("other"):
+            seen.append(state["value"])
+            entered.set()
+
+    with setting.hold("fast"):
+        thread = threading.Thread(target=other)
+        thread.start()
+        assert not entered.wait(0.2)  # "fast" is held: "other" waits for it to be undone
+        with setting.hold("nested"):  # the holding thread itself never waits (no deadlock)
+            assert state["value"] == "fast"
+    thread.join()
+    assert seen == ["other"] and state["value"] == "original"
+
+
+def test_inductor_settings_are_per_thread_in_this_torch_or_shared():
+    import torch._inductor.config as inductor_config
+
+    # Whichever way this torch keeps them, a patch is visible inside and gone after.
+    with deploy._inductor_patch({"freezing": True}):
+        assert inductor_config.freezing is True
+    assert inductor_config.freezing is False
+    # The probe agrees with what another thread sees of a patch.
+    seen = []
+    with inductor_config.patch(freezing=True):
+        thread = threading.Thread(target=lambda: seen.append(inductor_config.freezing))
+        thread.start()
+        thread.join()
+    assert deploy._inductor_config_is_per_thread() == (seen == [False])
 
 
 def test_measurement_interleaves_variants_and_rotates_the_order():
@@ -322,6 +522,22 @@ def test_onednn_graph_matches_the_original(name):
 
 
 @needs_onednn_graph
+def test_onednn_graph_traces_once_when_first_called_from_several_threads(monkeypatch):
+    model = _model("resnet20")
+    x = _input("resnet20")
+    fast = optimize(model, channels_last=False, compile="onednn_graph")
+    traces = []
+    trace = deploy._trace_and_freeze
+    monkeypatch.setattr(deploy, "_trace_and_freeze", lambda m, e: traces.append(1) or trace(m, e))
+    outputs = _in_threads(lambda i: fast(x))
+    assert len(traces) == 1
+    with torch.no_grad():
+        expected = model(x)
+    assert all(relative_difference(out, expected) <= 1e-5 for out in outputs)
+    assert not torch._C._jit_llga_enabled()
+
+
+@needs_onednn_graph
 def test_onednn_graph_fuses_the_convolutions():
     fast = optimize(_model("resnet20"), channels_last=False, compile="onednn_graph")
     fast(_input("resnet20"))
@@ -345,6 +561,27 @@ def test_onnx_export_matches_pytorch_for_any_batch(tmp_path, name):
     path = deploy.export_onnx(model, tmp_path / "m.onnx", (1, 8, 8), dynamic_batch=True)
     check = deploy.verify_onnx(path, model, (1, 8, 8), batch_sizes=(1, 5))
     assert check.passed and check.max_relative_difference <= 1e-4
+
+
+@needs_onnx
+def test_a_float64_model_exports_as_float32_and_verifies_in_float64(tmp_path):
+    import onnx
+
+    model = _model("resnet20").double()
+    path = deploy.export_onnx(model, tmp_path / "m.onnx", (3, 8, 8), dynamic_batch=True)
+    weights = onnx.load(str(path)).graph.initializer
+    assert {t.data_type for t in weights if len(t.dims) > 1} == {onnx.TensorProto.FLOAT}
+    check = deploy.verify_onnx(path, model, (3, 8, 8), batch_sizes=(1, 2))
+    assert check.passed
+    assert next(model.parameters()).dtype == torch.float64  # the model itself is unchanged
+
+
+@needs_onnx
+def test_a_meta_model_cannot_be_exported(tmp_path):
+    with torch.device("meta"):
+        model = create_model("resnet20")
+    with pytest.raises(DeployError, match="meta device"):
+        deploy.export_onnx(model, tmp_path / "m.onnx", (3, 8, 8))
 
 
 @needs_onnx

@@ -7,18 +7,24 @@ Every function takes a model (and, where it needs them, real batches) and return
   multiply-accumulates (MACs) of its residual branch and of its shortcut, plus totals;
 * :func:`inspect_unit` — the same for one unit, layer by layer;
 * :func:`residual_ratios` — ‖F(x)‖/‖x‖ and the spread of F(x) per unit (He et al. 2015, Fig. 7);
-* :func:`lesion_study` — accuracy with each unit replaced by its shortcut (Veit et al. 2016);
+* :func:`lesion_study` — accuracy with each unit's residual branch removed (Veit et al. 2016);
 * :func:`gradient_flow` — gradient norm per layer at initialisation, residual vs plain.
 
 MACs come from PyTorch's own ``torch.utils.flop_counter`` (FLOPs ÷ 2), never hand-written
 formulas; it counts convolutions and matrix products only, which is what torchvision's table
-of GFLOPS (really GMACs) counts too.
+of GFLOPS (really GMACs) counts too. :func:`count_multiply_adds` is the one whole-model
+counter (``resunit.deploy`` and the benchmarks use it as well).
+
+Every function that switches a model to eval or train mode puts each module's own flag back
+afterwards (also when an error interrupts it), and :func:`gradient_flow` seeds its models
+without moving torch's global random state.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -44,6 +50,35 @@ def count_macs(fn: Any, *args: Any) -> int:
     return counter.get_total_flops() // 2
 
 
+@torch.no_grad()
+def count_multiply_adds(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Multiply-adds of one eval-mode forward pass of ``model`` on one ``C×H×W`` image.
+
+    Counted by :func:`count_macs`: convolutions and matrix products (the classifier), which
+    is what a ResNet spends its time on (BN, ReLU, additions and pooling are well under 1% of
+    the arithmetic); FLOPs = 2 × multiply-adds. The input takes the model's dtype and device,
+    so a float64, CUDA or ``meta`` model (no memory, instant for any size) works alike.
+    """
+    with _modes_restored(model):
+        model.eval()
+        return count_macs(model, _example_input(model, input_shape))
+
+
+@contextlib.contextmanager
+def _modes_restored(model: nn.Module) -> Iterator[None]:
+    """Put every module's own train/eval flag back on exit, also after an error.
+
+    ``model.train(was_training)`` would not do: it sets one flag on every submodule, losing
+    a BN frozen in eval mode inside a model in train mode.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def _params(module: nn.Module | None) -> int:
     return 0 if module is None else count_parameters(module)
 
@@ -56,19 +91,38 @@ def parse_input_shape(text: str) -> tuple[int, int, int]:
     except ValueError:
         shape = ()
     if len(shape) != 3 or min(shape) < 1:
-        raise ConfigError(f"--input must look like 3x224x224 (C×H×W, positive sizes), got {text!r}")
+        # Starts with the flag, which is where this text comes from in the CLI; the rest
+        # says what an input shape is for callers of the function.
+        raise ConfigError(
+            f"--input must look like 3x224x224 (an input shape C×H×W with positive sizes), "
+            f"got {text!r}"
+        )
     return shape  # type: ignore[return-value]
 
 
-def default_input_shape(model: ResNet) -> tuple[int, int, int]:
-    """The input the model was designed for: 224×224 for ImageNet stems, 32×32 for CIFAR."""
+def input_shape_of(model: ResNet) -> tuple[int, int, int]:
+    """The input ``model`` was designed for: 224×224 for ImageNet stems, 32×32 for CIFAR.
+
+    (:func:`resunit.models.default_input_shape` answers the same for a registered name.)
+    """
     size = 224 if model.stem_type == "imagenet" else 32
     return model.in_chans, size, size
 
 
-def _meta_input(model: nn.Module, shape: Sequence[int]) -> Tensor:
-    device = next(model.parameters()).device
-    return torch.zeros((1, *shape), device=device)
+def _dtype_and_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """Those of the module's first floating-point parameter or buffer; CPU float32 if none."""
+    device = None
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype, tensor.device
+        device = device or tensor.device  # e.g. BN's integer num_batches_tracked
+    return torch.float32, device or torch.device("cpu")
+
+
+def _example_input(module: nn.Module, shape: Sequence[int]) -> Tensor:
+    """A batch of one zero image that ``module`` accepts: its dtype, its device (or meta)."""
+    dtype, device = _dtype_and_device(module)
+    return torch.zeros((1, *shape), dtype=dtype, device=device)
 
 
 # --- inspect ------------------------------------------------------------------------------
@@ -80,16 +134,22 @@ def inspect_model(model: ResNet, input_shape: Sequence[int] | None = None) -> di
 
     Each unit row holds the input and output shape, the shortcut kind and a sentence saying
     why it was chosen, and the parameters and MACs of the residual branch and of the shortcut.
-    Works on a model built on the ``meta`` device (no memory, instant for any size).
+    Works on a model built on the ``meta`` device (no memory, instant for any size), and in
+    any dtype or device. The model runs in eval mode; its modes are restored afterwards.
     """
-    shape = tuple(input_shape) if input_shape else default_input_shape(model)
+    shape = tuple(input_shape) if input_shape else input_shape_of(model)
     if shape[0] != model.in_chans:
         raise ConfigError(
-            f"the model takes {model.in_chans} input channels but --input has {shape[0]}"
+            f"the model takes {model.in_chans} input channels but the input shape "
+            f"{'×'.join(map(str, shape))} (input_shape, --input) has {shape[0]}"
         )
-    was_training = model.training
-    model.eval()
-    x = _meta_input(model, shape)
+    with _modes_restored(model):
+        model.eval()
+        return _inspect_model(model, shape)
+
+
+def _inspect_model(model: ResNet, shape: tuple[int, ...]) -> dict[str, Any]:
+    x = _example_input(model, shape)
     rows: list[dict[str, Any]] = []
     stem_macs = count_macs(model.forward_stem, x)
     stem_out = model.forward_stem(x)
@@ -123,13 +183,11 @@ def inspect_model(model: ResNet, input_shape: Sequence[int] | None = None) -> di
     head_macs = count_macs(model.forward_head, features)
     logits = model.forward_head(features)
     rows.append(_row("head", "pool+fc", x, logits, "", "", head_params, head_macs, 0, 0))
-    total_macs = count_macs(model, _meta_input(model, shape))
-    model.train(was_training)
     return {
         "input": list(shape),
         "units": rows,
         "total_parameters": count_parameters(model),
-        "total_macs": total_macs,
+        "total_macs": count_multiply_adds(model, shape),
     }
 
 
@@ -171,14 +229,15 @@ def make_unit(
         raise ConfigError(f"unknown block {block!r}: choose one of {', '.join(BLOCKS)}")
     cls = BLOCKS[block]
     if min(in_channels, out_channels, stride) < 1:
+        # The CLI flags first (``resunit inspect block``), then the arguments they set.
         raise ConfigError(
-            f"--in, --out-channels and --stride must be ≥ 1, got {in_channels}, "
-            f"{out_channels} and {stride}"
+            f"--in, --out-channels and --stride (in_channels, out_channels, stride) must be "
+            f"≥ 1, got {in_channels}, {out_channels} and {stride}"
         )
     if out_channels % cls.expansion:
         raise ConfigError(
-            f"a {block} unit outputs {cls.expansion}× its planes: --out-channels must be a "
-            f"multiple of {cls.expansion}, got {out_channels}"
+            f"a {block} unit outputs {cls.expansion}× its planes: out_channels "
+            f"(--out-channels) must be a multiple of {cls.expansion}, got {out_channels}"
         )
     return cls(in_channels, out_channels // cls.expansion, stride, shortcut=shortcut)
 
@@ -186,11 +245,21 @@ def make_unit(
 @torch.no_grad()
 def inspect_unit(unit: ResidualUnit, size: int) -> dict[str, Any]:
     """Walk one unit on a ``size``×``size`` input layer by layer: residual branch, shortcut,
-    then the addition. Each step has its module, shapes, parameters and MACs."""
+    then the addition. Each step has its module, shapes, parameters and MACs.
+
+    Runs in eval mode, in the unit's dtype and on its device (``meta`` works); the unit's
+    modes are restored afterwards."""
     if size < 1:
-        raise ConfigError(f"--size must be ≥ 1, got {size}")
-    unit.eval()
-    x = _meta_input(unit, (unit.in_channels, size, size))
+        raise ConfigError(
+            f"--size must be ≥ 1 (size: the input's height and width in pixels), got {size}"
+        )
+    with _modes_restored(unit):
+        unit.eval()
+        return _inspect_unit(unit, size)
+
+
+def _inspect_unit(unit: ResidualUnit, size: int) -> dict[str, Any]:
+    x = _example_input(unit, (unit.in_channels, size, size))
     steps: list[dict[str, Any]] = []
     names = {module: name for name, module in unit.named_modules()}
     branch = ["residual"]
@@ -304,30 +373,30 @@ def residual_ratios(model: ResNet, batches: Iterable[Tensor]) -> list[dict[str, 
     the unit receives inside the intact network, in eval mode. A ratio near 0 means the unit
     is close to the identity; He et al. 2015 (Fig. 7) show residual responses shrinking with
     depth. The spread is the standard deviation over all elements of F(x), over all batches.
+    The model's modes are restored afterwards.
     """
-    was_training = model.training
-    model.eval()
     stats: dict[str, dict[str, float]] = {}
-    for images in batches:
-        x = model.forward_stem(images)
-        for name, unit in model.named_units():
-            residual = unit.residual(x).double()
-            flat_x = x.double().flatten(1)
-            flat_r = residual.flatten(1)
-            # Images whose input is all zero have no defined ratio; they are rare and skipped.
-            input_norm = flat_x.norm(dim=1)
-            valid = input_norm > 0
-            ratio = flat_r.norm(dim=1)[valid] / input_norm[valid]
-            s = stats.setdefault(
-                name, {"ratio_sum": 0.0, "images": 0, "sum": 0.0, "sumsq": 0.0, "count": 0}
-            )
-            s["ratio_sum"] += float(ratio.sum())
-            s["images"] += int(valid.sum())
-            s["sum"] += float(flat_r.sum())
-            s["sumsq"] += float((flat_r * flat_r).sum())
-            s["count"] += flat_r.numel()
-            x = unit(x)
-    model.train(was_training)
+    with _modes_restored(model):
+        model.eval()
+        for images in batches:
+            x = model.forward_stem(images)
+            for name, unit in model.named_units():
+                residual = unit.residual(x).double()
+                flat_x = x.double().flatten(1)
+                flat_r = residual.flatten(1)
+                # Images whose input is all zero have no defined ratio; rare, and skipped.
+                input_norm = flat_x.norm(dim=1)
+                valid = input_norm > 0
+                ratio = flat_r.norm(dim=1)[valid] / input_norm[valid]
+                s = stats.setdefault(
+                    name, {"ratio_sum": 0.0, "images": 0, "sum": 0.0, "sumsq": 0.0, "count": 0}
+                )
+                s["ratio_sum"] += float(ratio.sum())
+                s["images"] += int(valid.sum())
+                s["sum"] += float(flat_r.sum())
+                s["sumsq"] += float((flat_r * flat_r).sum())
+                s["count"] += flat_r.numel()
+                x = unit(x)
     if not stats:
         raise ConfigError("residual ratios need at least one batch of images")
     rows = []
@@ -360,10 +429,14 @@ def mean_ratio_per_stage(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 class ShortcutOnly(nn.Module):
-    """A lesioned unit: its residual branch removed, only ``shortcut(x)`` remains.
+    """A lesioned unit: the unit's forward with its residual branch removed (F(x) = 0).
 
-    For a plain unit (no shortcut) the lesion is the identity, possible only where the unit
-    keeps the shape of its input.
+    A post-activation unit computes ``relu(F(x) + shortcut(x))``, so without F it computes
+    ``relu(shortcut(x))``: the ReLU after the sum stays (a projection's BN output is
+    negative in places, and those values must not reach the next unit). A pre-activation
+    unit has no activation after the sum: ``shortcut(x)`` alone. A plain unit (no shortcut)
+    has no sum to keep: its lesion skips it, ``x`` itself, possible only where the unit keeps
+    the shape of its input (see :func:`can_lesion`).
     """
 
     def __init__(self, unit: ResidualUnit) -> None:
@@ -372,7 +445,14 @@ class ShortcutOnly(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.unit.shortcut(x)
-        return x if out is None else out
+        if out is None:
+            return x
+        if self.unit.preactivation:
+            return out
+        if out is x:
+            # The units' ReLU works in place: never overwrite the caller's tensor.
+            out = out.clone()
+        return self.unit.relu(out)
 
 
 def can_lesion(unit: ResidualUnit) -> bool:
@@ -382,7 +462,8 @@ def can_lesion(unit: ResidualUnit) -> bool:
 
 @contextlib.contextmanager
 def lesioned(model: ResNet, name: str) -> Iterator[ResNet]:
-    """Within the block, unit ``name`` (e.g. ``"layer2.3"``) is replaced by its shortcut."""
+    """Within the block, unit ``name`` (e.g. ``"layer2.3"``) loses its residual branch
+    (see :class:`ShortcutOnly`: a post-activation unit keeps its ReLU after the sum)."""
     stage_name, index = name.rsplit(".", 1)
     stage = getattr(model, stage_name)
     unit = stage[int(index)]
@@ -467,12 +548,14 @@ def counterparts(model_name: str, **overrides: Any) -> dict[str, tuple[str, str,
 def layer_gradient_norms(model: nn.Module, images: Tensor, labels: Tensor) -> list[dict[str, Any]]:
     """‖∂loss/∂W‖ of every weight layer on the main path (convs and the classifier), in
     forward order, after one backward pass of the cross-entropy on ``images`` (train mode,
-    as the first step of training sees it). Shortcut projections are left out so that a
+    as the first step of training sees it; the modes are restored afterwards, the BN running
+    statistics are updated as that step would). Shortcut projections are left out so that a
     residual net and its plain counterpart have the same layers."""
-    model.train()
-    model.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(model(images), labels)
-    loss.backward()
+    with _modes_restored(model):
+        model.train()
+        model.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
     rows = []
     for name, param in model.named_parameters():
         if param.ndim < 2 or "downsample" in name:
@@ -496,13 +579,19 @@ def gradient_flow(
     versions (see :func:`counterparts`), both seeded alike and given the same batch.
 
     Returns ``{"residual": rows, "plain": rows, "labels": {"residual": …, "plain": …}}``.
+    Torch's global random state is the same afterwards as before.
     """
     result: dict[str, Any] = {"labels": {}}
     for version in ("residual", "plain"):
         label, name, options = counterparts(model_name, **overrides)[version]
-        torch.manual_seed(seed)
-        model = create_model(name, **options)
-        result[version] = layer_gradient_norms(model, images, labels)
+        # The initialisation draws from the global CPU generator (nn.init has no generator
+        # argument): seed it inside a fork, which puts the caller's state back on exit.
+        # Only the CPU generator is seeded (torch.manual_seed would also reseed every GPU's,
+        # outside the fork); the models are built on the CPU.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            model = create_model(name, **options)
+            result[version] = layer_gradient_norms(model, images, labels)
         result["labels"][version] = label
     return result
 
@@ -630,9 +719,10 @@ __all__ = [
     "analyze_checkpoint",
     "can_lesion",
     "count_macs",
+    "count_multiply_adds",
     "counterparts",
-    "default_input_shape",
     "gradient_flow",
+    "input_shape_of",
     "inspect_model",
     "inspect_unit",
     "layer_gradient_norms",

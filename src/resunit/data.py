@@ -681,4 +681,5 @@ __all__ = [
     "random_crop",
     "random_flip",
     "read_image",
+    "stratified_split",
 ]

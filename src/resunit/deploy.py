@@ -3,19 +3,27 @@
 Everything here returns *new* modules and leaves the trained model untouched, and every
 transformation is checked against the model it came from: a faster network is only useful if
 it computes the same function.
+
+Threads: the inference models (:class:`InferenceModel`, :class:`OneDnnGraphModel`,
+:class:`OnnxRuntimeModel`) may be called from several threads at once; building them
+(:func:`optimize`, :func:`export_onnx`, :func:`quantize` …) is meant for one thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
+import functools
 import io
 import itertools
 import math
 import os
 import statistics
 import tempfile
+import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,20 +33,28 @@ import torch
 from torch import Tensor, nn
 
 from resunit.allocator import retain_freed_memory as retain_freed_memory  # also for training
+from resunit.analysis import _dtype_and_device
+from resunit.analysis import count_multiply_adds as count_multiply_adds  # one MAC counter
 from resunit.analysis import parse_input_shape as parse_input_shape  # one --input parser
 from resunit.blocks import (
     BasicBlock,
     Bottleneck,
     PreActBasicBlock,
     PreActBottleneck,
+    PreActUnit,
 )
 from resunit.errors import ConfigError, DeployError
 from resunit.models import ResNet
 
 # --- BatchNorm folding -----------------------------------------------------------------------
 
+# Every BatchNorm flavour (BatchNorm2d, SyncBatchNorm …): in eval mode all are the same
+# per-channel affine map of the running statistics.
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
 # Which BatchNorm follows which convolution, by unit type. Pre-activation units normalise their
 # *input* (BN → ReLU → conv), so their first BN follows an addition, not a conv, and stays.
+# A subclass folds as the nearest of these classes among its bases (see _conv_bn_pairs).
 _CONV_BN_PAIRS: dict[type[nn.Module], tuple[tuple[str, str], ...]] = {
     BasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
     Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
@@ -47,7 +63,7 @@ _CONV_BN_PAIRS: dict[type[nn.Module], tuple[tuple[str, str], ...]] = {
 }
 
 
-def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> nn.Conv2d:
     """A new convolution computing ``bn(conv(x))`` with BN in eval mode (running statistics).
 
     ``bn(y) = γ (y − μ) / √(σ² + ε) + β`` is a per-channel affine map, so it scales the
@@ -88,7 +104,7 @@ def _fold_pairs(module: nn.Module, pairs: Iterable[tuple[str, str]]) -> int:
     folded = 0
     for conv_name, bn_name in pairs:
         conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, _BatchNorm):
             setattr(module, conv_name, fold_conv_bn(conv, bn))
             # Identity keeps the module's forward unchanged: it still calls self.bnN(out).
             setattr(module, bn_name, nn.Identity())
@@ -102,32 +118,69 @@ def _fold_sequential(seq: nn.Sequential) -> int:
     names = list(seq._modules)
     for first, second in itertools.pairwise(names):
         conv, bn = seq._modules[first], seq._modules[second]
-        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, _BatchNorm):
             seq._modules[first] = fold_conv_bn(conv, bn)
             seq._modules[second] = nn.Identity()
             folded += 1
     return folded
 
 
+def _conv_bn_pairs(module: nn.Module) -> tuple[tuple[str, str], ...]:
+    # The most specific known class among the module's bases: a subclass of BasicBlock folds
+    # as a BasicBlock (an exact type match would leave all its BNs unfolded).
+    for cls in type(module).__mro__:
+        if cls in _CONV_BN_PAIRS:
+            return _CONV_BN_PAIRS[cls]
+    return ()
+
+
+def _batchnorms_after_additions(model: nn.Module) -> set[int]:
+    # The BNs no conv precedes, kept by design (ids): a pre-activation unit's input BN and a
+    # pre-activation network's final_bn.
+    kept = set()
+    for module in model.modules():
+        if isinstance(module, PreActUnit):
+            kept.add(id(module.bn1))
+        if isinstance(module, ResNet) and module.preactivation:
+            kept.add(id(getattr(module, "final_bn", None)))
+    return kept
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with every BatchNorm that follows a conv folded into it.
 
-    Covers the stem, every post-activation unit, the convs of pre-activation units that a BN
-    follows, and projection shortcuts (``downsample``). BNs that follow an addition (the first
-    BN of a pre-activation unit, ``final_bn``) cannot be folded into a conv and are kept. The
-    original model is not modified. The copy is for inference only: its BNs are gone.
+    Covers the stem, the units of :mod:`resunit.blocks` and their subclasses (every
+    post-activation unit; the convs of pre-activation units that a BN follows) and every
+    conv → BN pair inside an ``nn.Sequential``, such as projection shortcuts (``downsample``).
+    Any BatchNorm flavour folds (``BatchNorm2d``, ``SyncBatchNorm``). BNs that follow an
+    addition (the first BN of a pre-activation unit, ``final_bn``) cannot be folded into a
+    conv and are kept. A BN in a place it does not know (a custom layer) is kept too, and a
+    warning says how many: the copy still computes the same function, only less fused.
+    The original model is not modified. The copy is for inference only: its BNs are gone.
     """
     folded = copy.deepcopy(model).eval()
     count = 0
     for module in list(folded.modules()):
         if isinstance(module, ResNet) and not module.preactivation:
             count += _fold_pairs(module, [("conv1", "bn1")])
-        for unit_type, pairs in _CONV_BN_PAIRS.items():
-            if type(module) is unit_type:
-                count += _fold_pairs(module, pairs)
+        count += _fold_pairs(module, _conv_bn_pairs(module))
         if isinstance(module, nn.Sequential):
             count += _fold_sequential(module)
     folded.folded_batchnorms = count  # type: ignore[assignment]  # for reports and tests
+    kept = _batchnorms_after_additions(folded)
+    left = [
+        name or type(module).__name__
+        for name, module in folded.named_modules()
+        if isinstance(module, _BatchNorm) and id(module) not in kept
+    ]
+    if left:
+        shown = ", ".join(left[:3]) + (", …" if len(left) > 3 else "")
+        warnings.warn(
+            f"fold_batchnorm left {len(left)} BatchNorm layer(s) unfolded ({shown}): it folds "
+            "the units of resunit.blocks (and subclasses) and conv→BN pairs in nn.Sequential "
+            "only; the copy computes the same function, with those BNs still in it",
+            stacklevel=2,
+        )
     return folded
 
 
@@ -150,6 +203,16 @@ class InferenceModel(nn.Module):
 
     Converting the input to channels_last inside ``forward`` means callers keep passing plain
     NCHW tensors; the convolutions then never have to reorder their inputs.
+
+    Threads: calling it from several threads at once is safe, the first calls included. The
+    first call for each input shape, dtype, strides and device (the one that compiles) runs
+    while no other model's first call does, so a shape is compiled once. A compiled model
+    needs inductor settings during its calls: torch 2.13 keeps them per thread, so each call
+    sets its own; older versions keep them in one process-wide dict, where they are switched
+    on while any call that needs them runs and back off after the last one (calls needing
+    other settings, a PT2E int8 model's, then wait for each other, and other ``torch.compile``
+    work in the process sees the settings meanwhile). Not safe while calls run: changing
+    ``channels_last`` or ``inductor_config``, ``.to()``, or loading weights into the model.
     """
 
     def __init__(
@@ -162,6 +225,8 @@ class InferenceModel(nn.Module):
         self.model = model
         self.channels_last = channels_last
         self.inductor_config = dict(inductor_config or {})
+        # (shape, strides, dtype, device) of the inputs already compiled for; see forward.
+        self._compiled_for: set[tuple[Any, ...]] = set()
 
     def train(self, mode: bool = True) -> InferenceModel:
         # Inference only: the wrapped model stays in eval mode, and exported graphs (PT2E)
@@ -174,18 +239,120 @@ class InferenceModel(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         # A compiled model compiles on its first call for each input shape, so the inductor
         # settings must be in force during calls: torch.compile(options={"freezing": True})
-        # is silently ignored in torch 2.13 (the generated code keeps plain convolutions).
-        settings = _inductor_patch(self.inductor_config)
-        with torch.no_grad(), settings:
-            return self.model(x)
+        # is silently ignored in torch 2.13 (the generated code keeps plain convolutions),
+        # as is patching them around inductor alone (Dynamo reads `freezing` while tracing).
+        # They are set for every call, not only first ones, because Dynamo may recompile a
+        # shape it has seen (after torch._dynamo.reset(), say).
+        with torch.no_grad(), _inductor_patch(self.inductor_config):
+            if not self.inductor_config:
+                return self.model(x)
+            key = (tuple(x.shape), x.stride(), x.dtype, x.device)
+            if key in self._compiled_for:
+                return self.model(x)
+            # Concurrent first calls of one shape would each compile it (Dynamo compiles one
+            # at a time, but the second does not look for the first one's result): they
+            # take turns, and all but the first find the compiled graph.
+            with _FIRST_CALL_LOCK:
+                out = self.model(x)
+                self._compiled_for.add(key)
+            return out
+
+
+# One lock for the first calls (compilations, traces) of all models: they are rare, Dynamo
+# compiles one at a time anyway, and a module-level lock keeps the models deep-copyable.
+# Reentrant: a first call may run another model's first call inside it.
+_FIRST_CALL_LOCK = threading.RLock()
+
+
+class _SharedSetting:
+    """A process-wide setting switched on while any thread needs it, off after the last one.
+
+    Patching a global around each call is not thread-safe on its own: with two calls
+    overlapping, the first to finish restores the old value under the second (which may then
+    compile without it), and the second then restores the first's patch for good. Here the
+    first caller in applies the value and the last one out undoes it; a caller that needs
+    another value waits until nobody holds the current one. A thread that already holds the
+    setting and nests a call needing another value runs with the held one (waiting would
+    deadlock; every value used here only changes speed, never results).
+    """
+
+    def __init__(self, apply: Callable[[Any], Callable[[], None]]) -> None:
+        self._apply = apply  # value → function that undoes it
+        self._condition = threading.Condition()
+        self._value: Any = None
+        self._undo: Callable[[], None] | None = None
+        self._users = 0
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def hold(self, value: Any) -> Iterator[None]:
+        depth = getattr(self._local, "depth", 0)
+        with self._condition:
+            while self._users and self._value != value and not depth:
+                self._condition.wait()
+            if not self._users:
+                self._undo = self._apply(value)
+                self._value = value
+            self._users += 1
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+            with self._condition:
+                self._users -= 1
+                if not self._users:
+                    undo, self._undo, self._value = self._undo, None, None
+                    try:
+                        if undo is not None:
+                            undo()
+                    finally:
+                        self._condition.notify_all()
+
+
+def _apply_inductor_config(config: dict[str, Any]) -> Callable[[], None]:
+    # Plain assignments, undone by whichever thread leaves last: inductor's own patch()
+    # must be exited by the thread that entered it.
+    import torch._inductor.config as inductor_config
+
+    before = {key: getattr(inductor_config, key) for key in config}
+    for key, value in config.items():
+        setattr(inductor_config, key, value)
+
+    def undo() -> None:
+        for key, value in before.items():
+            setattr(inductor_config, key, value)
+
+    return undo
+
+
+_INDUCTOR_SETTINGS = _SharedSetting(_apply_inductor_config)
+
+
+@functools.cache
+def _inductor_config_is_per_thread() -> bool:
+    """Whether a setting patched in one thread stays invisible to the others.
+
+    torch 2.13 keeps inductor's settings in context variables (one value per thread); older
+    versions in one process-wide dict. Found by trying rather than by version number: patch
+    ``freezing`` and read it back from a fresh context.
+    """
+    import torch._inductor.config as inductor_config
+
+    flipped = not inductor_config.freezing
+    with inductor_config.patch(freezing=flipped):
+        return contextvars.Context().run(lambda: inductor_config.freezing != flipped)
 
 
 def _inductor_patch(config: dict[str, Any]) -> contextlib.AbstractContextManager[Any]:
     if not config:
         return contextlib.nullcontext()
-    import torch._inductor.config as inductor_config
+    if _inductor_config_is_per_thread():
+        # Only this thread sees the patch: nothing shared, nothing to coordinate.
+        import torch._inductor.config as inductor_config
 
-    return inductor_config.patch(config)
+        return inductor_config.patch(config)
+    return _INDUCTOR_SETTINGS.hold(config)
 
 
 # Inductor options for CPU inference. ``freezing`` turns the weights into constants so that
@@ -256,6 +423,11 @@ class OneDnnGraphModel(InferenceModel):
     up before that call returns, so the first result already comes from the fused graph.
     PyTorch has deprecated TorchScript; :func:`onednn_graph_works` says whether this still
     works in the installed version.
+
+    Threads: calling it from several threads at once is safe, the first call included: one
+    thread traces and warms up while the others wait, and the graph is published only when
+    warm. oneDNN fusion is a process-wide TorchScript switch, on while any call of ours runs
+    and off after the last one; other TorchScript code running meanwhile sees it on.
     """
 
     def __init__(self, model: nn.Module, channels_last: bool) -> None:
@@ -266,24 +438,36 @@ class OneDnnGraphModel(InferenceModel):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), _onednn_fusion():
-            if self.scripted is None:
-                self.scripted = _trace_and_freeze(self.model, x)
+            scripted = self.scripted
+            if scripted is None:
+                scripted = self._trace(x)
+            return scripted(x)
+
+    def _trace(self, x: Tensor) -> torch.jit.ScriptModule:
+        with _FIRST_CALL_LOCK:
+            if self.scripted is None:  # another thread may have traced it while we waited
+                scripted = _trace_and_freeze(self.model, x)
                 # The profiling executor fuses after its profiled runs: do them now.
                 for _ in range(torch._C._jit_get_num_profiled_runs() + 1):
-                    self.scripted(x)
-            return self.scripted(x)
+                    scripted(x)
+                self.scripted = scripted
+            return self.scripted
 
 
-@contextlib.contextmanager
-def _onednn_fusion() -> Iterator[None]:
-    # A process-wide switch: on only while our graph runs, so other TorchScript code is unaffected.
-    # (torch.jit.fuser("fuser3") does the same but warns about nvfuser on every call.)
-    enabled = torch._C._jit_llga_enabled()
-    torch.jit.enable_onednn_fusion(True)
-    try:
-        yield
-    finally:
-        torch.jit.enable_onednn_fusion(enabled)
+def _apply_onednn_fusion(enabled: bool) -> Callable[[], None]:
+    before = torch._C._jit_llga_enabled()
+    torch.jit.enable_onednn_fusion(enabled)
+    return lambda: torch.jit.enable_onednn_fusion(before)
+
+
+_ONEDNN_FUSION = _SharedSetting(_apply_onednn_fusion)
+
+
+def _onednn_fusion() -> contextlib.AbstractContextManager[Any]:
+    # A process-wide switch: on only while our graphs run, so other TorchScript code is
+    # unaffected. (torch.jit.fuser("fuser3") does the same but warns about nvfuser on every
+    # call.)
+    return _ONEDNN_FUSION.hold(True)
 
 
 def _trace_and_freeze(model: nn.Module, example: Tensor) -> torch.jit.ScriptModule:
@@ -357,8 +541,14 @@ def check_input_channels(model: nn.Module, input_shape: Sequence[int]) -> None:
     if first_conv is not None and input_shape[0] != first_conv.in_channels:
         raise ConfigError(
             f"the model takes {first_conv.in_channels}-channel images but the input shape "
-            f"{'×'.join(map(str, input_shape))} has {input_shape[0]}: fix --input"
+            f"{'×'.join(map(str, input_shape))} (input_shape, --input) has {input_shape[0]} "
+            "channels"
         )
+
+
+def _require_weights(model: nn.Module) -> None:
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        raise DeployError("the model is on the meta device: it has no weights to run or export")
 
 
 def export_onnx(
@@ -370,17 +560,23 @@ def export_onnx(
     fold: bool = True,
     opset: int = ONNX_OPSET,
 ) -> Path:
-    """Write ``model`` (BatchNorm folded unless ``fold=False``) to an ONNX file.
+    """Write ``model`` (BatchNorm folded unless ``fold=False``) to a float32 ONNX file.
 
     Uses the TorchScript-based exporter (``dynamo=False``): for a static ResNet it produces a
     plain Conv/Relu/Add graph with no extra dependencies, and the result is verified anyway
     (:func:`verify_onnx`). ``dynamic_batch`` leaves the batch dimension symbolic.
+
+    The graph is always float32, the type ONNX Runtime's CPU kernels take: a model in another
+    dtype or on a GPU is folded in its own dtype (float64 folds more exactly), then a copy is
+    converted to float32 on the CPU and exported. The model itself is not modified.
     """
     _require_onnx()
+    _require_weights(model)
     check_input_channels(model, input_shape)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     export_model = fold_batchnorm(model) if fold else copy.deepcopy(model).eval()
+    export_model = export_model.to(device="cpu", dtype=torch.float32)
     example = torch.randn(1, *input_shape)
     dynamic_axes = (
         {ONNX_INPUT_NAME: {0: "batch"}, ONNX_OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
@@ -440,7 +636,8 @@ class OnnxRuntimeModel(nn.Module):
     """An ONNX file run by ONNX Runtime, called like a model: ``Tensor → Tensor``.
 
     A (parameter-free) ``nn.Module`` so that code written for models, such as evaluation
-    loops, accepts it unchanged.
+    loops, accepts it unchanged. Inputs of any dtype or device are run as float32 on the CPU.
+    Calling it from several threads at once is safe (ONNX Runtime sessions allow it).
     """
 
     def __init__(
@@ -452,7 +649,7 @@ class OnnxRuntimeModel(nn.Module):
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.detach().to(torch.float32).contiguous()
+        x = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
         (out,) = self.session.run(None, {self.input_name: x.numpy()})
         return torch.from_numpy(out)
 
@@ -483,17 +680,20 @@ def verify_onnx(
     """Run the ONNX file in ONNX Runtime on seeded random inputs and compare with ``model``.
 
     The reference is the original eval-mode model (not the folded copy that was exported), so
-    the check covers folding and export together. Raises :class:`DeployError` when the largest
-    difference, relative to the output scale, exceeds ``tolerance``.
+    the check covers folding and export together. It runs in the model's own dtype and on its
+    device, on the same float32 inputs that ONNX Runtime gets. Raises :class:`DeployError`
+    when the largest difference, relative to the output scale, exceeds ``tolerance``.
     """
+    _require_weights(model)
     runner = OnnxRuntimeModel(path)
     reference = copy.deepcopy(model).eval()
+    dtype, device = _dtype_and_device(reference)
     generator = torch.Generator().manual_seed(seed)
     worst = 0.0
     for batch in batch_sizes:
         x = torch.randn(batch, *input_shape, generator=generator)
         with torch.no_grad():
-            expected = reference(x)
+            expected = reference(x.to(device=device, dtype=dtype)).cpu()
         try:
             actual = runner(x)
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -548,7 +748,9 @@ def quantize(
     }
     if method not in methods:
         raise ConfigError(f"unknown calibration method {method!r}: choose {', '.join(methods)}")
-    batches = [b.detach().to(torch.float32).contiguous() for b in calibration_batches]
+    batches = [
+        b.detach().to(device="cpu", dtype=torch.float32).contiguous() for b in calibration_batches
+    ]
     if not batches:
         raise ConfigError("int8 quantization needs at least one calibration batch")
     input_shape = tuple(batches[0].shape[1:])
@@ -883,31 +1085,41 @@ def compare_variants(
     return timings, differences
 
 
-def count_multiply_adds(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """Multiply-adds of one forward pass on one image, counting convolutions and linear layers.
-
-    These are what a ResNet spends its time on (the rest — BN, ReLU, additions, pooling —
-    is well under 1% of the arithmetic); FLOPs = 2 × multiply-adds.
-    """
-    total = 0
-
-    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
-            total += output[0].numel() * per_output
-        elif isinstance(module, nn.Linear):
-            total += output[0].numel() * module.in_features
-
-    handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    try:
-        with torch.no_grad():
-            copy.deepcopy(model).eval()(torch.zeros(1, *input_shape))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total
+__all__ = [
+    "COMPILERS",
+    "COMPILE_OPTIONS",
+    "FLOAT32_VARIANTS",
+    "ONNX_INPUT_NAME",
+    "ONNX_OPSET",
+    "ONNX_OUTPUT_NAME",
+    "ONNX_TOLERANCE",
+    "VARIANTS",
+    "VARIANT_DESCRIPTIONS",
+    "DeployError",
+    "InferenceModel",
+    "OneDnnGraphModel",
+    "OnnxCheck",
+    "OnnxRuntimeModel",
+    "Timing",
+    "Variant",
+    "build_variants",
+    "check_input_channels",
+    "compare_variants",
+    "compile_works",
+    "count_multiply_adds",
+    "export_onnx",
+    "fold_batchnorm",
+    "fold_conv_bn",
+    "measure_interleaved",
+    "onednn_graph_works",
+    "onnx_available",
+    "onnxruntime_session",
+    "optimize",
+    "parse_input_shape",
+    "pt2e_available",
+    "quantize",
+    "quantize_pt2e",
+    "relative_difference",
+    "retain_freed_memory",
+    "verify_onnx",
+]
