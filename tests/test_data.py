@@ -359,6 +359,24 @@ def test_sixteen_bit_and_float_images_are_scaled_not_clipped(tmp_path):
         assert (image[0].int() - expected.int()).abs().max() <= 1, name
 
 
+def test_a_float_image_that_overshoots_one_a_little_is_still_read_as_zero_to_one(tmp_path):
+    # A bicubic resize of a [0, 1] image peaks slightly above 1; it must not be read as 0-255
+    # (which would make it nearly black).
+    ramp = np.linspace(0, 1.06, 64).reshape(8, 8)
+    Image.fromarray(ramp.astype(np.float32), "F").save(tmp_path / "f.tiff")
+    expected = torch.from_numpy(np.rint(np.clip(ramp, 0, 1) * 255)).to(torch.uint8)
+    image = read_image(tmp_path / "f.tiff", channels=1)
+    assert (image[0].int() - expected.int()).abs().max() <= 1
+
+
+def test_an_unreadable_image_is_reported_once_though_both_splits_read_its_folder(tmp_path, capsys):
+    _image_folder(tmp_path, count=10)
+    (tmp_path / "dog" / "broken.png").write_bytes(b"garbage")
+    load_dataset("imagefolder", "train", str(tmp_path))
+    load_dataset("imagefolder", "test", str(tmp_path))
+    assert capsys.readouterr().err.count("broken.png") == 1
+
+
 def test_synthetic_data_is_seeded_and_learnable():
     a = load_dataset("synthetic", "train", num_samples=64, image_size=8, seed=1)
     b = load_dataset("synthetic", "train", num_samples=64, image_size=8, seed=1)

@@ -23,6 +23,7 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -369,24 +370,37 @@ def read_image(
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = _to_8_bit(img)
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                img = img.convert("RGBA")
-                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(background, img)
-            img = img.convert("L" if channels == 1 else "RGB")
-            if size is not None and img.size != (size[1], size[0]):
-                img = img.resize((size[1], size[0]), Image.BILINEAR)
-            array = np.asarray(img, dtype=np.uint8)
+        with warnings.catch_warnings():
+            # Pillow warns about images above ~89 megapixels (and refuses twice that, caught
+            # below): a file the user named is meant to be read, so no raw warning text.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                img = _to_8_bit(img)
+                array = _to_array(img, channels, size)
     except FileNotFoundError:
         raise DatasetError(f"image not found: {path}") from None
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
-        raise DatasetError(f"cannot read image {path}: {exc}") from None
+        reason = str(exc).replace(f" {str(path)!r}", "").replace(f" {path}", "")  # named once
+        raise DatasetError(f"cannot read image {path}: {reason}") from None
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _to_array(img: Any, channels: int, size: tuple[int, int] | None) -> np.ndarray:
+    """An 8-bit Pillow image as a uint8 ``H×W(×C)`` array: transparency laid on white, then
+    converted to ``channels`` and resized to ``size`` (H, W)."""
+    from PIL import Image
+
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    img = img.convert("L" if channels == 1 else "RGB")
+    if size is not None and img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
 
 
 def _to_8_bit(img: Any) -> Any:
@@ -403,8 +417,10 @@ def _to_8_bit(img: Any) -> Any:
     top = values.max(initial=0.0)
     if img.mode.startswith("I;16") or 255 < top <= 65535:
         scale = 255 / 65535
-    elif img.mode == "F" and top <= 1.0:
-        scale = 255.0  # float images conventionally hold [0, 1]
+    elif img.mode == "F" and top <= 2.0:
+        # Float images conventionally hold [0, 1]; resampling overshoots that a little (a
+        # bicubic resize peaks near 1.06), which must not flip the image to the 0-255 reading.
+        scale = 255.0
     else:
         scale = 1.0
     return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), "L")
@@ -470,6 +486,10 @@ def _class_folders(folder: Path) -> list[str]:
     return classes
 
 
+# Unreadable images already reported in this process.
+_REPORTED_SKIPS: set[Path] = set()
+
+
 def _read_image_folder(
     folder: Path,
     classes: list[str],
@@ -489,8 +509,11 @@ def _read_image_folder(
             except DatasetError as exc:
                 if on_error == "fail":
                     raise
-                # stderr: stdout may be JSON that a script reads.
-                print(f"resunit: skipping unreadable image {path}: {exc}", file=sys.stderr)
+                # stderr: stdout may be JSON that a script reads. Once per file: a folder
+                # without test/ is read for each split.
+                if path not in _REPORTED_SKIPS:
+                    _REPORTED_SKIPS.add(path)
+                    print(f"resunit: skipping an unreadable image: {exc}", file=sys.stderr)
                 continue
             if size is None:  # the first image fixes the size of all the others
                 size = (image.shape[1], image.shape[2])

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from resunit.cli.common import add_json_flag, format_table, print_json
+from resunit.data import DATASETS
 from resunit.errors import ConfigError
+from resunit.train import RECIPES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -211,15 +213,19 @@ def _register_analyze(subparsers: argparse._SubParsersAction) -> None:
         help="residual ratios, lesion study and gradient flow of a trained model",
         description="For a trained checkpoint on real test images: the residual ratio "
         "‖F(x)‖/‖x‖ and the spread of F(x) per unit (He et al. 2015, Fig. 7); test accuracy "
-        "with each unit replaced by its shortcut (Veit et al. 2016); and the gradient norm per "
-        "layer at initialisation for the architecture and its plain counterpart. Writes "
-        "analysis.json and one PNG per analysis.",
+        "with each unit's residual branch removed, y = relu(shortcut(x)) (Veit et al. "
+        "2016); and the gradient norm per layer at initialisation for the architecture and "
+        "its plain counterpart. Writes analysis.json and one PNG per analysis.",
     )
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a .pt from resunit train")
-    p.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
+    p.add_argument(
+        "--data", choices=DATASETS, help="dataset (default: the one the checkpoint was trained on)"
+    )
     p.add_argument("--data-root", help="directory holding the dataset (CIFAR, imagefolder)")
     p.add_argument("--limit", type=int, help="use only the first N test images (faster)")
-    p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
+    p.add_argument(
+        "--batch-size", type=int, default=500, help="evaluation batch size (default: 500)"
+    )
     p.add_argument(
         "--out", help="directory for analysis.json and plots (default: CHECKPOINT_DIR/analysis)"
     )
@@ -261,7 +267,8 @@ def _print_analysis(result: dict[str, Any]) -> None:
     rows = []
     for r in result["residual_ratios"]:
         cut = lesion[r["name"]]
-        drop = "n/a" if cut["drop"] is None else f"{100 * cut['drop']:+.2f}"
+        # A drop is positive when the lesion costs accuracy (negative: it helped).
+        drop = "n/a" if cut["drop"] is None else f"{100 * cut['drop']:.2f}"
         rows.append(
             (
                 r["name"],
@@ -279,7 +286,7 @@ def _print_analysis(result: dict[str, Any]) -> None:
     if worst is not None:
         print(
             f"worst single-unit lesion: {worst['name']} → {_percent(worst['accuracy'])} "
-            f"({100 * worst['drop']:+.2f} points)"
+            f"({100 * worst['drop']:.2f} points lower)"
         )
     stages = ", ".join(f"{k} {v:.3f}" for k, v in result["mean_ratio_per_stage"].items())
     print(f"mean residual ratio per stage: {stages}")
@@ -305,10 +312,20 @@ def _register_experiment(subparsers: argparse._SubParsersAction) -> None:
         "shows. Rerun the same command to resume an interrupted experiment.",
     )
     p.add_argument("name", choices=["degradation"], help="which experiment")
-    p.add_argument("--depths", type=int, nargs="+", default=[20, 56], help="depths (20 56)")
-    p.add_argument("--data", default="digits", help="dataset (default digits)")
+    p.add_argument(
+        "--depths",
+        type=int,
+        nargs="+",
+        default=[20, 56],
+        help="network depths, each trained plain and residual (default: 20 56)",
+    )
+    p.add_argument("--data", default="digits", choices=DATASETS, help="dataset (default: digits)")
     p.add_argument("--data-root", help="directory holding the dataset (CIFAR)")
-    p.add_argument("--recipe", help="training recipe (default: the data's own, fast for digits)")
+    p.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        help="training recipe (default: the data's own, fast for digits)",
+    )
     p.add_argument("--epochs", type=int, help="epochs for every network (default: the recipe's)")
     p.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
     p.add_argument(
@@ -317,7 +334,9 @@ def _register_experiment(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="batch size (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0, help="seed of every network (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
-    p.add_argument("--out", default="runs/degradation", help="experiment directory")
+    p.add_argument(
+        "--out", default="runs/degradation", help="experiment directory (default: runs/degradation)"
+    )
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     add_json_flag(p)
     p.set_defaults(handler=run_experiment)
