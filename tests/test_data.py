@@ -255,9 +255,11 @@ def test_download_verifies_md5_extracts_and_is_idempotent(tmp_path, archive_serv
 
 def test_failed_download_leaves_nothing_behind(tmp_path, archive_server):
     url, md5 = archive_server
-    root = tmp_path / "data"
+    root = tmp_path / "new" / "data"
     with pytest.raises(DatasetError, match="MD5"):
         download_dataset("cifar10", root, url=f"{url}/cifar.tar.gz", md5="0" * 32, progress=False)
+    assert not (tmp_path / "new").exists()  # not even the folders made for it
+    root.mkdir(parents=True)
     with pytest.raises(DatasetError, match="failed"):
         download_dataset("cifar10", root, url=f"{url}/missing.tar.gz", md5=md5, progress=False)
     broken_md5 = hashlib.md5(b"not an archive").hexdigest()

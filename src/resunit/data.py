@@ -16,6 +16,7 @@ Datasets:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -306,7 +307,7 @@ def _load_cifar(name: str, split: str, root: str | None) -> ImageDataset:
         names = " or ".join(f"{spec[0]}/" for spec in _CIFAR[name].values())
         raise DatasetError(
             f"{name} not found in {base} or {base.parent}: expected {names} in one of them "
-            f"(run `resunit data download {name} --root {base}`, or extract the official "
+            f"(run `resunit data download {name} --root {base.parent}`, or extract the official "
             "archive there)"
         )
     spec = _CIFAR[name][layout]
@@ -640,37 +641,53 @@ def download_dataset(
         return target
     if root.exists() and not root.is_dir():
         raise DatasetError(f"--root {root} is a file; give a directory")
+    created = [p for p in (root, *root.parents) if not p.exists()]
     root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
-        archive = Path(tmp) / "archive.tar.gz"
-        digest = hashlib.md5()
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, archive.open("wb") as out:
-                total = int(response.headers.get("Content-Length") or 0)
-                bar = _progress_bar(total, f"{name}", progress)
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-                bar.close()
-        except (OSError, ValueError) as exc:  # ValueError: not a URL at all
-            raise DatasetError(f"download of {url} failed: {exc}") from None
-        if digest.hexdigest() != md5:
-            raise DatasetError(
-                f"{url} has MD5 {digest.hexdigest()}, expected {md5}: "
-                "the download is corrupt; run the command again"
-            )
-        extracted = Path(tmp) / "extracted"
-        try:
-            with tarfile.open(archive) as tar:
-                _extract_safely(tar, extracted)
-        except (tarfile.TarError, OSError) as exc:
-            reason = " ".join(str(exc).split())  # tarfile's messages span several lines
-            raise DatasetError(f"cannot extract {url}: {reason}") from None
-        if not (extracted / folder_name).is_dir():
-            raise DatasetError(f"{url} does not contain {folder_name}/")
-        os.replace(extracted / folder_name, target)
+    try:
+        with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
+            _fetch_and_extract(name, url, md5, folder_name, Path(tmp), target, progress)
+    except BaseException:
+        # A failed download leaves nothing behind, not even the folders it created for it.
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if still empty
+        raise
     return target
+
+
+def _fetch_and_extract(
+    name: str, url: str, md5: str, folder_name: str, tmp: Path, target: Path, progress: bool
+) -> None:
+    """Download ``url`` into ``tmp``, check its MD5, extract it there and move its
+    ``folder_name`` to ``target`` in one rename."""
+    archive = tmp / "archive.tar.gz"
+    digest = hashlib.md5()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, archive.open("wb") as out:
+            total = int(response.headers.get("Content-Length") or 0)
+            bar = _progress_bar(total, f"{name}", progress)
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+            bar.close()
+    except (OSError, ValueError) as exc:  # ValueError: not a URL at all
+        raise DatasetError(f"download of {url} failed: {exc}") from None
+    if digest.hexdigest() != md5:
+        raise DatasetError(
+            f"{url} has MD5 {digest.hexdigest()}, expected {md5}: "
+            "the download is corrupt; run the command again"
+        )
+    extracted = tmp / "extracted"
+    try:
+        with tarfile.open(archive) as tar:
+            _extract_safely(tar, extracted)
+    except (tarfile.TarError, OSError) as exc:
+        reason = " ".join(str(exc).split())  # tarfile's messages span several lines
+        raise DatasetError(f"cannot extract {url}: {reason}") from None
+    if not (extracted / folder_name).is_dir():
+        raise DatasetError(f"{url} does not contain {folder_name}/")
+    os.replace(extracted / folder_name, target)
 
 
 def _extract_safely(tar: tarfile.TarFile, folder: Path) -> None:
