@@ -349,16 +349,21 @@ def test_inference_model_keeps_its_settings_for_every_concurrent_call():
     assert inductor_config.freezing is False  # restored once the last call left
 
 
-def test_a_shared_setting_is_undone_by_the_last_thread_out():
-    # How a process-wide setting (oneDNN fusion; inductor's settings before torch 2.13) is
-    # held: applied by the first caller in, undone by the last one out, whatever the order.
+def _shared_setting_on_a_dict() -> tuple[dict, deploy._SharedSetting]:
+    """A _SharedSetting whose 'process-wide setting' is the value in a dict, to watch it."""
     state = {"value": "original"}
 
     def apply(value):
         before, state["value"] = state["value"], value
         return lambda: state.update(value=before)
 
-    setting = deploy._SharedSetting(apply)
+    return state, deploy._SharedSetting(apply)
+
+
+def test_a_shared_setting_is_undone_by_the_last_thread_out():
+    # How a process-wide setting (oneDNN fusion; inductor's settings before torch 2.13) is
+    # held: applied by the first caller in, undone by the last one out, whatever the order.
+    state, setting = _shared_setting_on_a_dict()
     inside, leave = threading.Event(), threading.Event()
 
     def worker():
@@ -377,13 +382,7 @@ def test_a_shared_setting_is_undone_by_the_last_thread_out():
 
 
 def test_a_shared_setting_makes_other_values_wait():
-    state = {"value": "original"}
-
-    def apply(value):
-        before, state["value"] = state["value"], value
-        return lambda: state.update(value=before)
-
-    setting = deploy._SharedSetting(apply)
+    state, setting = _shared_setting_on_a_dict()
     entered = threading.Event()
     seen = []
 
