@@ -441,7 +441,7 @@ def _flag_worker(
 ) -> None:
     import torch.distributed as dist
 
-    from resunit.train import Distributed, _finite_on_every_rank, _InterruptFlag, _stop_requested
+    from resunit.train import Distributed, _agree_on_step, _InterruptFlag, _stop_requested
 
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
     try:
@@ -449,17 +449,20 @@ def _flag_worker(
         cpu = torch.device("cpu")
         interrupt = _InterruptFlag()
         interrupt.raised = interrupts[rank]
-        results[rank] = (
-            _finite_on_every_rank(values[rank], info, cpu),
-            _stop_requested(interrupt, info, cpu),
-        )
+        agreed = _agree_on_step(values[rank], interrupt, info, cpu)
+        results[rank] = (*agreed, _stop_requested(interrupt, info, cpu))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize(
     ("values", "interrupts", "expected"),
-    [([1.0, 2.0], [False, False], (True, False)), ([1.0, math.nan], [False, True], (False, True))],
+    [
+        ([1.0, 2.0], [False, False], (True, False, False)),
+        ([1.0, math.nan], [False, True], (False, True, True)),
+        ([math.inf, 2.0], [False, False], (False, False, False)),
+        ([1.0, 2.0], [True, False], (True, True, True)),
+    ],
 )
 def test_every_rank_stops_when_one_rank_diverges_or_sees_ctrl_c(
     tmp_path, values, interrupts, expected
@@ -480,7 +483,7 @@ def test_per_step_collectives_use_tensors_on_the_training_device(monkeypatch):
     # NCCL (the backend on CUDA) reduces CUDA tensors only, and this machine may have no GPU:
     # the meta device stands in for "not the CPU", and the fake all_reduce records where each
     # flag lives before any value is needed.
-    from resunit.train import Distributed, _finite_on_every_rank, _InterruptFlag, _stop_requested
+    from resunit.train import Distributed, _agree_on_step, _InterruptFlag, _stop_requested
 
     devices = []
 
@@ -492,11 +495,12 @@ def test_per_step_collectives_use_tensors_on_the_training_device(monkeypatch):
     two_ranks = Distributed(rank=0, world_size=2)
     meta = torch.device("meta")
     with pytest.raises(_Reduced):
-        _finite_on_every_rank(1.0, two_ranks, meta)
+        _agree_on_step(1.0, _InterruptFlag(), two_ranks, meta)
     with pytest.raises(_Reduced):
         _stop_requested(_InterruptFlag(), two_ranks, meta)
     assert devices == [meta, meta]
     # Alone, no collective is called at all.
-    assert _finite_on_every_rank(1.0, Distributed(), meta) is True
+    assert _agree_on_step(1.0, _InterruptFlag(), Distributed(), meta) == (True, False)
+    assert _agree_on_step(math.nan, _InterruptFlag(), Distributed(), meta) == (False, False)
     assert _stop_requested(_InterruptFlag(), Distributed(), meta) is False
     assert len(devices) == 2

@@ -720,7 +720,8 @@ def _train(config: TrainConfig, progress: bool, resume: str | None) -> dict[str,
                     logits = net(x)
                     loss = criterion(logits.float(), labels)
                 loss_value = loss.item()
-                if not _finite_on_every_rank(loss_value, dist_info, device):
+                finite, stop = _agree_on_step(loss_value, interrupt, dist_info, device)
+                if not finite:
                     raise TrainingError(
                         _non_finite_message(loss_value, global_step + 1, epoch, run_dir)
                     )
@@ -741,7 +742,10 @@ def _train(config: TrainConfig, progress: bool, resume: str | None) -> dict[str,
                         f"acc {totals['correct'] / totals['count']:.2%} "
                         f"{totals['count'] * dist_info.world_size / max(elapsed, 1e-9):,.0f} img/s"
                     )
-                if _stop_requested(interrupt, dist_info, device) and step + 1 < steps_this_epoch:
+                # Alone, a Ctrl-C during this step counts now; under DDP, what the ranks agreed
+                # on above (a Ctrl-C since then is seen at the next step).
+                stop = stop if dist_info.enabled else interrupt.raised
+                if stop and step + 1 < steps_this_epoch:
                     totals["seconds"] += time.perf_counter() - tick
                     bar.close()
                     if dist_info.enabled:
@@ -853,13 +857,21 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _finite_on_every_rank(value: float, dist_info: Distributed, device: torch.device) -> bool:
-    """Whether ``value`` is finite here and, under DDP, on every other rank too: all ranks must
-    stop at the same step, or those still training wait forever in the next all-reduce."""
-    finite = math.isfinite(value)
+def _agree_on_step(
+    loss: float, interrupt: _InterruptFlag, dist_info: Distributed, device: torch.device
+) -> tuple[bool, bool]:
+    """Whether ``loss`` is finite on every rank, and whether any rank saw Ctrl-C.
+
+    All ranks must stop at the same step, or those still training wait forever in DDP's next
+    all-reduce. Both questions travel in one collective per step (not one each): across
+    machines a collective's latency is paid every step.
+    """
     if not dist_info.enabled:
-        return finite
-    return _reduce_flag(finite, torch.distributed.ReduceOp.MIN, device)
+        return math.isfinite(loss), interrupt.raised
+    flags = torch.tensor([float(not math.isfinite(loss)), float(interrupt.raised)], device=device)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)  # any rank's
+    diverged, stop = flags.tolist()
+    return not diverged, bool(stop)
 
 
 def _non_finite_message(loss: float, step: int, epoch: int, run_dir: Path) -> str:
@@ -873,7 +885,7 @@ def _non_finite_message(loss: float, step: int, epoch: int, run_dir: Path) -> st
 def _stop_requested(
     interrupt: _InterruptFlag, dist_info: Distributed, device: torch.device
 ) -> bool:
-    """Whether any rank saw Ctrl-C (all ranks must stop at the same step)."""
+    """Whether any rank saw Ctrl-C (all ranks must stop at the same epoch's end)."""
     if not dist_info.enabled:
         return interrupt.raised
     return _reduce_flag(interrupt.raised, torch.distributed.ReduceOp.MAX, device)
