@@ -302,7 +302,11 @@ def test_in_process_resume_from_an_epoch_boundary_is_bitwise_identical(tmp_path)
     torch.save(state, tmp_path / "part" / "last.pt")
     resumed = train(TrainConfig(), progress=False, resume=str(tmp_path / "part"))
     assert resumed["weights_sha256"] == full["weights_sha256"]
-    assert [m["epoch"] for m in read_metrics(tmp_path / "part")] == [1, 2]
+    metrics = read_metrics(tmp_path / "part")
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    # The summary's training time counts the epoch trained before the resume too.
+    assert resumed["training_seconds"] == pytest.approx(sum(m["seconds"] for m in metrics))
+    assert resumed["training_seconds"] > metrics[-1]["seconds"]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

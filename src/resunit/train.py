@@ -818,8 +818,10 @@ def _train(config: TrainConfig, progress: bool, resume: str | None) -> dict[str,
         "data": config.data,
         "epochs": epochs,
         "steps": global_step,
-        "seconds": seconds,
+        "seconds": seconds,  # this session's wall time: after --resume, only the resumed part
         "images_per_second": images_seen / max(seconds, 1e-9),
+        # Training time of every epoch in the run's history, those before a resume included.
+        "training_seconds": sum(float(r["seconds"]) for r in history) if history else None,
         "interrupted": interrupted,
         "is_main": dist_info.is_main,
         "weights_sha256": weights_digest(model),

@@ -237,6 +237,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
         ("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
         ("time", f"{summary['seconds']:.1f} s ({summary['images_per_second']:,.0f} img/s)"),
     ]
+    total = summary.get("training_seconds")
+    if total is not None and total > summary["seconds"] + 1:  # resumed: earlier sessions count
+        rows.append(("training time, all sessions", f"{total:.1f} s"))
     if summary.get("best_val_accuracy") is not None:
         rows.append(
             (
