@@ -407,3 +407,24 @@ def test_a_bug_inside_resnet_keeps_its_type_and_traceback(monkeypatch):
     monkeypatch.setattr(ResNet, "_init_weights", broken)
     with pytest.raises(TypeError, match="a genuine bug"):
         create_model("resnet20")
+
+
+def test_a_spec_copies_and_pickles_but_stays_read_only():
+    import copy
+    import pickle
+
+    spec = get_model_spec("resnet20")
+    for clone in (copy.deepcopy(spec), pickle.loads(pickle.dumps(spec))):
+        assert clone == spec and dict(clone.kwargs) == dict(spec.kwargs)
+        with pytest.raises(TypeError):
+            clone.kwargs["layers"] = (1, 1, 1)  # type: ignore[index]
+
+
+def test_zero_init_residual_accepts_numpy_bools_and_0_or_1():
+    import numpy as np
+
+    for flag in (np.True_, 1):
+        model = create_model("resnet20", zero_init_residual=flag)
+        assert all(float(u.bn2.weight.abs().sum()) == 0 for u in model.units())
+    with pytest.raises(ConfigError, match="zero_init_residual"):
+        create_model("resnet20", zero_init_residual=2)

@@ -58,3 +58,11 @@ def test_files_written_atomically_get_the_mode_a_plain_open_would(tmp_path):
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o644
+
+
+def test_replacing_a_file_keeps_its_mode(tmp_path):
+    private = tmp_path / "private.json"
+    private.write_text("{}")
+    private.chmod(0o600)  # the user's choice for this file survives a rewrite
+    write_json(private, {"a": 1})
+    assert private.stat().st_mode & 0o777 == 0o600 and json.loads(private.read_text()) == {"a": 1}

@@ -254,3 +254,12 @@ def test_the_analysis_hint_names_a_checkpoint_that_exists(experiment_dir, run_co
     shutil.rmtree(run_copy / "analysis")
     page = build_report(run_copy)
     assert f"resunit analyze --checkpoint {run_copy / 'best.pt'}<" in page
+
+
+def test_a_plot_that_cannot_be_redrawn_only_leaves_the_plot_out():
+    from resunit.report import _regenerate
+
+    def unwritable(path):
+        raise ConfigError(f"cannot write the plot {path}: Permission denied")
+
+    assert _regenerate(unwritable, Path("curves.png")) is None

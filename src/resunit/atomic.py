@@ -22,9 +22,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    # mkstemp creates the file private (0600); give it the mode a plain open() would, so a
-    # checkpoint, report or exported model is as readable as any other file the user writes.
-    os.fchmod(fd, 0o666 & ~_current_umask())
+    # mkstemp creates the file private (0600). Replacing a file keeps that file's mode; a new
+    # one gets the mode a plain open() would give, so a checkpoint, report or exported model
+    # is as readable as any other file the user writes.
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        mode = 0o666 & ~_current_umask()
+    os.fchmod(fd, mode)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -40,7 +45,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def _current_umask() -> int:
-    # The only portable way to read the umask is to set it and put it back.
+    # Linux reports it without changing it; elsewhere the only way is to set it and put it
+    # back, which another thread creating a file at that instant could notice.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

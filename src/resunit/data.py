@@ -382,7 +382,7 @@ def read_image(
     except FileNotFoundError:
         raise DatasetError(f"image not found: {path}") from None
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
-        reason = str(exc).replace(f" {str(path)!r}", "").replace(f" {path}", "")  # named once
+        reason = str(exc).replace(f" {str(path)!r}", "")  # Pillow quotes the path: name it once
         raise DatasetError(f"cannot read image {path}: {reason}") from None
     if array.ndim == 2:
         array = array[:, :, None]
@@ -418,7 +418,7 @@ def _to_8_bit(img: Any) -> Any:
     top = values.max(initial=0.0)
     if img.mode.startswith("I;16") or 255 < top <= 65535:
         scale = 255 / 65535
-    elif img.mode == "F" and top <= 2.0:
+    elif img.mode == "F" and top <= 1.1:
         # Float images conventionally hold [0, 1]; resampling overshoots that a little (a
         # bicubic resize peaks near 1.06), which must not flip the image to the 0-255 reading.
         scale = 255.0

@@ -145,8 +145,6 @@ def run_degradation(
         plot_degradation(histories, plot)
     except ImportError:  # matplotlib is optional ([plot] extra)
         log("matplotlib not installed: skipped degradation.png (pip install 'resunit[plot]')")
-    except OSError as exc:
-        raise ConfigError(f"cannot write {plot}: {exc.strerror or exc}") from None
     return summary
 
 

@@ -11,9 +11,9 @@ import inspect
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -114,10 +114,15 @@ class ResNet(nn.Module):
         in_chans = _require_int("in_chans", in_chans, 1)
         groups = _require_int("groups", groups, 1)
         width_per_group = _require_int("width_per_group", width_per_group, 1)
-        if not isinstance(zero_init_residual, bool):
+        # numpy's bool and 0/1 (hand-written overrides) mean what they say; 2 or "yes" do not.
+        if not isinstance(zero_init_residual, (bool, np.bool_)) and zero_init_residual not in (
+            0,
+            1,
+        ):
             raise ConfigError(
                 f"zero_init_residual must be True or False, got {zero_init_residual!r}"
             )
+        zero_init_residual = bool(zero_init_residual)
         # Checked here, not per unit, so the message names this argument and its own value.
         if (
             isinstance(drop_path_rate, bool)
@@ -309,10 +314,33 @@ class ResNet(nn.Module):
 # --- registry ----------------------------------------------------------------------------
 
 
+class _ReadOnlyDict(Mapping[str, Any]):
+    """A mapping nobody can edit that still copies and pickles like a dict (a
+    ``MappingProxyType`` does neither, which broke ``copy.deepcopy`` of a spec)."""
+
+    def __init__(self, items: Mapping[str, Any]) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_ReadOnlyDict, (self._items,))
+
+
 def _frozen(value: Any) -> Any:
     """``value`` with every list made a tuple and every mapping read-only, recursively."""
     if isinstance(value, Mapping):
-        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
+        return _ReadOnlyDict({k: _frozen(v) for k, v in value.items()})
     if isinstance(value, (list, tuple)):
         return tuple(_frozen(v) for v in value)
     return value

@@ -412,7 +412,7 @@ def _regenerate(draw: Any, path: Path) -> Path | None:
     # A directory we may not write to only loses the plot, not the whole report.
     try:
         return draw(path)
-    except (ImportError, OSError):
+    except (ImportError, ConfigError):  # plots turn an OSError into a ConfigError
         return None
 
 
