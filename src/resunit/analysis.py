@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -37,7 +36,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from resunit.blocks import BLOCKS, ResidualUnit, describe_shortcut, normalize_shortcut_kind
 from resunit.errors import ConfigError
-from resunit.models import ResNet, count_parameters, create_model, get_model_spec, list_models
+from resunit.models import (
+    ResNet,
+    count_parameters,
+    create_model,
+    dtype_and_device,
+    get_model_spec,
+    list_models,
+)
 from resunit.outputs import prepare_output_dir, write_json
 
 # --- counting -----------------------------------------------------------------------------
@@ -109,19 +115,9 @@ def input_shape_of(model: ResNet) -> tuple[int, int, int]:
     return model.in_chans, size, size
 
 
-def _dtype_and_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
-    """Those of the module's first floating-point parameter or buffer; CPU float32 if none."""
-    device = None
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype, tensor.device
-        device = device or tensor.device  # e.g. BN's integer num_batches_tracked
-    return torch.float32, device or torch.device("cpu")
-
-
 def _example_input(module: nn.Module, shape: Sequence[int]) -> Tensor:
     """A batch of one zero image that ``module`` accepts: its dtype, its device (or meta)."""
-    dtype, device = _dtype_and_device(module)
+    dtype, device = dtype_and_device(module)
     return torch.zeros((1, *shape), dtype=dtype, device=device)
 
 

@@ -33,7 +33,6 @@ import torch
 from torch import Tensor, nn
 
 from resunit.allocator import retain_freed_memory as retain_freed_memory  # also for training
-from resunit.analysis import _dtype_and_device
 from resunit.analysis import count_multiply_adds as count_multiply_adds  # one MAC counter
 from resunit.analysis import parse_input_shape as parse_input_shape  # one --input parser
 from resunit.blocks import (
@@ -44,7 +43,7 @@ from resunit.blocks import (
     PreActUnit,
 )
 from resunit.errors import ConfigError, DeployError
-from resunit.models import ResNet
+from resunit.models import ResNet, dtype_and_device
 
 # --- BatchNorm folding -----------------------------------------------------------------------
 
@@ -687,7 +686,7 @@ def verify_onnx(
     _require_weights(model)
     runner = OnnxRuntimeModel(path)
     reference = copy.deepcopy(model).eval()
-    dtype, device = _dtype_and_device(reference)
+    dtype, device = dtype_and_device(reference)
     generator = torch.Generator().manual_seed(seed)
     worst = 0.0
     for batch in batch_sizes:

@@ -8,6 +8,7 @@ parameter counts and state_dict keys exactly, so its checkpoints load unchanged.
 from __future__ import annotations
 
 import inspect
+import itertools
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -527,6 +528,17 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     report); ``trainable_only=True`` counts only those with ``requires_grad``. Buffers (BN
     running statistics) are never counted; a parameter shared by two modules counts once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def dtype_and_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """Where ``module`` computes: the dtype and device of its first floating-point parameter
+    or buffer (CPU float32 if it has none, e.g. an ONNX Runtime model)."""
+    device = None
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype, tensor.device
+        device = device or tensor.device  # e.g. BN's integer num_batches_tracked
+    return torch.float32, device or torch.device("cpu")
 
 
 def model_parameter_count(name: str, **overrides: Any) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 from resunit.checkpoint import read_checkpoint, save_checkpoint
 from resunit.data import ImageDataset, augment, load_dataset, normalize
 from resunit.errors import CheckpointError, ConfigError, DatasetError, TrainingError
-from resunit.models import create_model
+from resunit.models import create_model, dtype_and_device
 from resunit.outputs import write_json, write_jsonl
 
 SCHEDULES = ("multistep", "cosine", "onecycle", "constant")
@@ -317,7 +316,7 @@ def evaluate(
     """
     if batch_size < 1:
         raise ConfigError(f"batch size must be ≥ 1, got {batch_size}")
-    device = torch.device(device) if device else _device_of(model)
+    device = torch.device(device) if device else dtype_and_device(model)[1]
     was_training = model.training
     model.eval()
     try:
@@ -336,11 +335,6 @@ def evaluate(
         "per_class_accuracy": (confusion.diag() / per_class_total).tolist(),
         "confusion_matrix": confusion.tolist(),
     }
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _confusion_and_loss(
