@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from resunit.errors import DatasetError
+from resunit.outputs import check_output_location
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 SPLITS = ("train", "val", "test")
@@ -639,8 +640,7 @@ def download_dataset(
     target = root / folder_name
     if target.is_dir():
         return target
-    if root.exists() and not root.is_dir():
-        raise DatasetError(f"--root {root} is a file; give a directory")
+    check_output_location(root, "--root", kind="directory")
     created = [p for p in (root, *root.parents) if not p.exists()]
     root.mkdir(parents=True, exist_ok=True)
     try:

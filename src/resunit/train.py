@@ -31,7 +31,7 @@ from resunit.checkpoint import read_checkpoint, save_checkpoint
 from resunit.data import ImageDataset, augment, load_dataset, normalize
 from resunit.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from resunit.models import create_model, dtype_and_device
-from resunit.outputs import write_json, write_jsonl
+from resunit.outputs import check_output_location, write_json, write_jsonl
 
 SCHEDULES = ("multistep", "cosine", "onecycle", "constant")
 CHECKPOINT_FORMAT = "resunit-train-1"
@@ -568,8 +568,7 @@ def _train(config: TrainConfig, progress: bool, resume: str | None) -> dict[str,
     else:
         validate_config(config)
         run_dir = _new_run_dir(config)
-        if run_dir.exists() and not run_dir.is_dir():
-            raise ConfigError(f"--out {run_dir} is a file; give a directory for the run")
+        check_output_location(run_dir, "--out", kind="directory")
         if (run_dir / "last.pt").exists():
             raise ConfigError(
                 f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose "

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from resunit.atomic import atomic_path
 from resunit.cli.common import add_json_flag, format_table, print_json
 from resunit.errors import ConfigError
+from resunit.outputs import check_output_location
 
 DEFAULT_CALIBRATION_BATCHES = 8
 CALIBRATION_BATCH_SIZE = 32
@@ -154,9 +155,10 @@ def run_export(args: argparse.Namespace) -> int:
 
 def _output_path(text: str) -> Path:
     """``--onnx``'s path, checked before any work: a file name in a directory we can create."""
-    out = Path(text)
-    if not text.strip() or out.is_dir():
+    if not text.strip():
         raise ConfigError(f"--onnx needs a file name, got {text!r}")
+    out = Path(text)
+    check_output_location(out, "--onnx")  # not a directory, not below a file
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
