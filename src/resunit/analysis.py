@@ -23,7 +23,6 @@ without moving torch's global random state.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -619,30 +618,16 @@ def analyze_checkpoint(
     directory is checked before the analysis starts, so a bad one fails in a second.
     """
     from resunit.checkpoint import load_model
-    from resunit.data import load_dataset
-    from resunit.train import prepare_batch
+    from resunit.train import load_run_data, prepare_batch
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be ≥ 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be ≥ 1, got {limit}")
     model, config = load_model(path)
-    data = data or config.get("data") or config.get("dataset") or "digits"
-    test_set = load_dataset(data, "test", data_root or config.get("data_root"))
-    if test_set.in_chans != model.in_chans:
-        raise ConfigError(
-            f"{path} takes {model.in_chans}-channel images but {data} has {test_set.in_chans}"
-        )
-    if test_set.num_classes != model.num_classes:
-        raise ConfigError(
-            f"{path} predicts {model.num_classes} classes but {data} has "
-            f"{test_set.num_classes}: analyse it on the data it was trained on"
-        )
-    if config.get("mean") and config.get("std"):
-        # Normalise exactly as in training, with the training set's statistics.
-        test_set = dataclasses.replace(
-            test_set, mean=tuple(config["mean"]), std=tuple(config["std"])
-        )
+    data = data or config.get("data") or config.get("dataset")
+    # As the run saw its data: same options, classes and channels checked, its normalisation.
+    test_set = load_run_data(config, "test", data, data_root)
     if limit is not None:
         test_set = test_set.subset(torch.arange(min(limit, len(test_set))))
     input_size = config.get("input_size")
@@ -659,7 +644,7 @@ def analyze_checkpoint(
 
     ratios = residual_ratios(model, batches())
     lesion = lesion_study(model, test_set, input_size=input_size, batch_size=batch_size)
-    train_set = load_dataset(data, "train", data_root or config.get("data_root"))
+    train_set = load_run_data(config, "train", data, data_root)
     first = slice(0, min(128, len(train_set)))
     images = prepare_batch(train_set.images[first], test_set.mean, test_set.std, input_size)
     flow = gradient_flow(
