@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from resunit.blocks import BLOCKS, ResidualUnit, describe_shortcut, normalize_shortcut_kind
+from resunit.blocks import ResidualUnit, describe_shortcut, normalize_shortcut_kind
 from resunit.errors import ConfigError
 from resunit.models import (
     ResNet,
@@ -42,6 +42,7 @@ from resunit.models import (
     dtype_and_device,
     get_model_spec,
     list_models,
+    resolve_block,
 )
 from resunit.outputs import prepare_output_dir, write_json
 
@@ -220,9 +221,7 @@ def make_unit(
     shortcut: str = "auto",
 ) -> ResidualUnit:
     """One unit that maps ``in_channels`` to ``out_channels`` (bottlenecks: out = 4 × planes)."""
-    if block not in BLOCKS:
-        raise ConfigError(f"unknown block {block!r}: choose one of {', '.join(BLOCKS)}")
-    cls = BLOCKS[block]
+    cls = resolve_block(block)
     if min(in_channels, out_channels, stride) < 1:
         # The CLI flags first (``resunit inspect block``), then the arguments they set.
         raise ConfigError(

@@ -54,6 +54,14 @@ def _require_int(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
+def _require_fraction(name: str, value: object) -> float:
+    """``value`` as a ``float`` if it is a number in [0, 1) (a drop probability); a
+    ConfigError otherwise. Booleans are refused although Python counts them as numbers."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     """3×3 convolution with padding 1 and no bias (a BatchNorm follows it)."""
     return nn.Conv2d(
@@ -161,13 +169,7 @@ class DropPath(nn.Module):
 
     def __init__(self, drop_prob: float = 0.0) -> None:
         super().__init__()
-        if (
-            isinstance(drop_prob, bool)
-            or not isinstance(drop_prob, numbers.Real)
-            or not 0.0 <= drop_prob < 1.0
-        ):
-            raise ConfigError(f"drop_path must be a number in [0, 1), got {drop_prob!r}")
-        self.drop_prob = float(drop_prob)
+        self.drop_prob = _require_fraction("drop_path", drop_prob)
 
     def forward(self, x: Tensor) -> Tensor:
         return drop_path(x, self.drop_prob, self.training)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ from resunit.blocks import (
     BLOCKS,
     ResidualUnit,
     _did_you_mean,
+    _require_fraction,
     _require_int,
     normalize_shortcut_kind,
 )
@@ -32,7 +32,7 @@ from resunit.errors import ConfigError
 MAX_SCRIPTABLE_STAGES = 8
 
 
-def _resolve_block(block: object) -> type[ResidualUnit]:
+def resolve_block(block: object) -> type[ResidualUnit]:
     """The unit class for a ``block`` name or class; a ConfigError naming the choices otherwise."""
     if isinstance(block, type) and issubclass(block, ResidualUnit):
         return block
@@ -48,16 +48,12 @@ def _int_sequence(name: str, values: object, minimum: int) -> tuple[int, ...]:
     """``values`` as a non-empty tuple of integers ≥ ``minimum``; a ConfigError otherwise."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
         raise ConfigError(f"{name} must be a non-empty list of integers, got {values!r}")
-    bad = [
-        v
-        for v in values
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum
-    ]
-    if bad:
+    try:
+        return tuple(_require_int(name, v, minimum) for v in values)
+    except ConfigError:  # name the whole list, not the one entry
         raise ConfigError(
             f"every entry of {name} must be an integer ≥ {minimum}, got {list(values)!r}"
-        )
-    return tuple(int(v) for v in values)
+        ) from None
 
 
 class ResNet(nn.Module):
@@ -100,7 +96,7 @@ class ResNet(nn.Module):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        block_cls = _resolve_block(block)
+        block_cls = resolve_block(block)
         layers = _int_sequence("layers", layers, 1)
         widths = _int_sequence("widths", widths, 1)
         if len(layers) != len(widths):
@@ -125,12 +121,7 @@ class ResNet(nn.Module):
             )
         zero_init_residual = bool(zero_init_residual)
         # Checked here, not per unit, so the message names this argument and its own value.
-        if (
-            isinstance(drop_path_rate, bool)
-            or not isinstance(drop_path_rate, numbers.Real)
-            or not 0.0 <= drop_path_rate < 1.0
-        ):
-            raise ConfigError(f"drop_path_rate must be a number in [0, 1), got {drop_path_rate!r}")
+        drop_path_rate = _require_fraction("drop_path_rate", drop_path_rate)
         self.block = block_cls
         self.stem_type = stem
         self.shortcut_kind = normalize_shortcut_kind(shortcut)
