@@ -859,7 +859,8 @@ def _agree_on_step(
 
     All ranks must stop at the same step, or those still training wait forever in DDP's next
     all-reduce. Both questions travel in one collective per step (not one each): across
-    machines a collective's latency is paid every step.
+    machines a collective's latency is paid every step. The flags live on the training device,
+    as NCCL requires (see :func:`_stop_requested`).
     """
     if not dist_info.enabled:
         return math.isfinite(loss), interrupt.raised
@@ -883,17 +884,10 @@ def _stop_requested(
     """Whether any rank saw Ctrl-C (all ranks must stop at the same epoch's end)."""
     if not dist_info.enabled:
         return interrupt.raised
-    return _reduce_flag(interrupt.raised, torch.distributed.ReduceOp.MAX, device)
-
-
-def _reduce_flag(value: bool, op: Any, device: torch.device) -> bool:
-    """``value`` combined over all ranks with ``op`` (MIN: every rank's, MAX: any rank's).
-
-    The tensor lives on the training device: NCCL, the backend on CUDA, reduces only CUDA
-    tensors (a CPU one fails at the first step), while gloo takes the CPU ones.
-    """
-    flag = torch.tensor([float(value)], device=device)
-    torch.distributed.all_reduce(flag, op=op)
+    # On the training device: NCCL, the backend on CUDA, reduces only CUDA tensors (a CPU one
+    # fails), while gloo takes the CPU ones.
+    flag = torch.tensor([float(interrupt.raised)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # any rank's
     return bool(flag.item())
 
 
