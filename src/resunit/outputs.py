@@ -8,10 +8,11 @@ A command that trains or analyses for minutes checks ``--out`` first (:func:`che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ def check_output_location(path: str | os.PathLike[str], option: str, kind: str =
                     raise ConfigError(f"{option} {path} is below {parent}, which is a file")
                 break
     except OSError as exc:  # e.g. a name too long for the file system
-        raise ConfigError(f"{option} {path} cannot be used: {_reason(exc)}") from None
+        raise ConfigError(f"{option} {path} cannot be used: {reason(exc)}") from None
 
 
 def prepare_output_dir(
@@ -53,22 +54,33 @@ def prepare_output_dir(
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as exc:
-        raise ConfigError(f"cannot write to {option} {out}: {_reason(exc)}") from None
+        raise ConfigError(f"cannot write to {option} {out}: {reason(exc)}") from None
     for name in files:
         if (out / name).is_dir():
             raise ConfigError(f"{out / name} is a directory; move it away or give another {option}")
     return out
 
 
-def write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically; a reader never sees half of it."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str], what: str = "") -> Iterator[Path]:
+    """:func:`resunit.atomic.atomic_path` for a command's result: the ``OSError`` of a full
+    disk or a missing permission becomes a one-line :class:`ConfigError` ("cannot write
+    [what ]PATH: reason")."""
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
-            tmp.write_text(text, encoding="utf-8")
+            yield tmp
     except OSError as exc:
-        raise ConfigError(f"cannot write {path}: {_reason(exc)}") from None
-    return path
+        raise ConfigError(
+            f"cannot write {what + ' ' if what else ''}{path}: {reason(exc)}"
+        ) from None
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; a reader never sees half of it."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
@@ -81,13 +93,16 @@ def write_jsonl(path: str | os.PathLike[str], records: Sequence[dict[str, Any]])
     return write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def _reason(exc: OSError) -> str:
+def reason(exc: OSError) -> str:
+    """What went wrong, without the path (the message names it once): ``Permission denied``."""
     return exc.strerror or str(exc)
 
 
 __all__ = [
+    "atomic_output",
     "check_output_location",
     "prepare_output_dir",
+    "reason",
     "write_json",
     "write_jsonl",
     "write_text",

@@ -12,8 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from resunit.atomic import atomic_path
-from resunit.errors import ConfigError
+from resunit.outputs import atomic_output
 
 
 def _pyplot() -> Any:
@@ -35,11 +34,9 @@ def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     try:
         # A reader never sees half a PNG, and a failed save leaves no temporary file behind.
-        with atomic_path(path) as tmp:
+        with atomic_output(path, "the plot") as tmp:
             # The temporary name does not end in .png: say which format matplotlib writes.
             fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    except OSError as exc:
-        raise ConfigError(f"cannot write the plot {path}: {exc.strerror or exc}") from None
     finally:
         # pyplot keeps every open figure alive; a long run that draws often would leak them.
         _pyplot().close(fig)

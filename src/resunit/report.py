@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from resunit.errors import ConfigError, ResunitError
-from resunit.outputs import check_output_location, write_text
+from resunit.outputs import check_output_location, reason, write_text
 
 _STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px;
@@ -46,10 +46,6 @@ def write_report(
     check_output_location(path, "--out")
     page = build_report(run_dir)
     return write_text(path, page)  # atomic: a browser never sees half a page
-
-
-def _reason(exc: OSError) -> str:
-    return exc.strerror or str(exc)
 
 
 def build_report(run_dir: str | os.PathLike[str]) -> str:
@@ -85,7 +81,7 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not a text file; the run directory is damaged") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {_reason(exc)}") from None
+        raise ConfigError(f"cannot read {path}: {reason(exc)}") from None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
