@@ -62,7 +62,7 @@ def _register_inspect(subparsers: argparse._SubParsersAction) -> None:
         "--size instead",
     )
     # Defaults are None so that run_inspect can tell a given option from an absent one and
-    # refuse them for a whole model instead of ignoring them; _BLOCK_DEFAULTS fills them in.
+    # refuse them for a whole model instead of ignoring them; _BLOCK_OPTIONS has the defaults.
     g = p.add_argument_group("inspect block (one unit only)")
     g.add_argument("--in", dest="in_channels", type=int, help="input channels (default 64)")
     g.add_argument(
@@ -82,21 +82,14 @@ def _register_inspect(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_inspect)
 
 
-_BLOCK_DEFAULTS = {
-    "in_channels": 64,
-    "out_channels": 128,
-    "stride": 2,
-    "size": 56,
-    "block": "basic",
-    "shortcut": "auto",
-}
-_BLOCK_FLAGS = {
-    "in_channels": "--in",
-    "out_channels": "--out-channels",
-    "stride": "--stride",
-    "size": "--size",
-    "block": "--block",
-    "shortcut": "--shortcut",
+# The unit-only options: flag and default of each, by argparse dest.
+_BLOCK_OPTIONS = {
+    "in_channels": ("--in", 64),
+    "out_channels": ("--out-channels", 128),
+    "stride": ("--stride", 2),
+    "size": ("--size", 56),
+    "block": ("--block", "basic"),
+    "shortcut": ("--shortcut", "auto"),
 }
 
 
@@ -105,14 +98,14 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     from resunit.analysis import inspect_model, inspect_unit, make_unit, parse_input_shape
 
-    given = [flag for dest, flag in _BLOCK_FLAGS.items() if getattr(args, dest) is not None]
+    given = [flag for dest, (flag, _) in _BLOCK_OPTIONS.items() if getattr(args, dest) is not None]
     if args.model == "block":
         if args.input:
             raise ConfigError(
                 "--input applies to a model; for one unit give --in (channels) and --size"
             )
-        o = dict(_BLOCK_DEFAULTS)
-        o.update({d: getattr(args, d) for d in o if getattr(args, d) is not None})
+        o = {d: default if getattr(args, d) is None else getattr(args, d)
+             for d, (_, default) in _BLOCK_OPTIONS.items()}  # fmt: skip
         with torch.device("meta"):
             unit = make_unit(
                 o["in_channels"], o["out_channels"], o["stride"], o["block"], o["shortcut"]
