@@ -642,7 +642,10 @@ def test_pt2e_int8_model_is_close_to_float_for_any_batch():
     g = torch.Generator().manual_seed(3)
     # Calibration batches of different sizes: the captured graph keeps the batch dynamic.
     batches = [torch.randn(n, 1, 8, 8, generator=g) for n in (16, 8)]
-    int8 = deploy.quantize_pt2e(model, batches)
+    # A float64 model and batches are quantized from a float32 copy, and left as they are.
+    model64 = copy.deepcopy(model).double()
+    int8 = deploy.quantize_pt2e(model64, [b.double() for b in batches])
+    assert next(model64.parameters()).dtype == torch.float64
     x = torch.randn(3, 1, 8, 8, generator=g)
     with torch.no_grad():
         assert relative_difference(int8(x), model(x)) <= 0.1

@@ -834,16 +834,20 @@ def quantize_pt2e(model: nn.Module, calibration_batches: Iterable[Tensor]) -> nn
     calibration batches, converted to quantize/dequantize + float ops, and compiled with
     freezing so that inductor lowers each pattern to a oneDNN int8 convolution (VNNI/AMX).
     Needs ``torchao``; the first call compiles (tens of seconds for ResNet-50).
+
+    The X86 quantizer targets CPUs and calibrates in float32, so a model in another dtype or
+    on a GPU is quantized from a float32 CPU copy (as :func:`export_onnx` does); the result
+    takes float32 CPU inputs. The model itself is not modified.
     """
     try:
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     except Exception:
         raise DeployError("PT2E int8 needs torchao: pip install 'resunit[int8]'") from None
-    batches = [b.detach().to(torch.float32) for b in calibration_batches]
+    batches = [b.detach().to(device="cpu", dtype=torch.float32) for b in calibration_batches]
     if not batches:
         raise ConfigError("int8 quantization needs at least one calibration batch")
-    float_model = copy.deepcopy(model).eval()
+    float_model = copy.deepcopy(model).eval().to(device="cpu", dtype=torch.float32)
     for module in list(float_model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.ReLU):
