@@ -912,7 +912,7 @@ VARIANT_DESCRIPTIONS = {
     "folded": "BatchNorm folded into the convs, NCHW",
     "folded_cl": "BatchNorm folded, channels_last (NHWC)",
     "compiled": "folded + channels_last + torch.compile (freezing: fused conv+ReLU/add)",
-    "onednn_graph": "folded + TorchScript trace with oneDNN Graph fusion (LLGA)",
+    "onednn_graph": "folded + channels_last + TorchScript trace with oneDNN Graph fusion",
     "onnxruntime": "ONNX Runtime float32 on the exported folded graph",
     "onnxruntime_spin": "the same, worker threads spinning between ops (ORT's default)",
     "int8": "ONNX Runtime int8 (static, per-channel, QDQ)",
@@ -961,7 +961,7 @@ def build_variants(
         elif name == "onednn_graph":
             works, why = onednn_graph_works()
             if works:
-                add(name, optimize(eager, channels_last=False, compile="onednn_graph"))
+                add(name, optimize(eager, channels_last=True, compile="onednn_graph"))
             else:
                 skipped[name] = f"oneDNN Graph fusion does not work here ({why})"
         elif name in ("onnxruntime", "onnxruntime_spin", "int8"):
