@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from resunit import analysis, deploy
-from resunit.blocks import BasicBlock
+from resunit.blocks import BasicBlock, PadShortcut
 from resunit.deploy import (
     DeployError,
     count_multiply_adds,
@@ -502,6 +502,25 @@ needs_onednn_graph = pytest.mark.skipif(
     not deploy.onednn_graph_works()[0],
     reason=f"oneDNN Graph unavailable: {deploy.onednn_graph_works()[1]}",
 )
+
+
+@pytest.mark.parametrize("size", [8, 7])  # odd sizes: ceil(H/2) rows from both
+def test_pad_shortcuts_become_exactly_equal_convolutions(size):
+    model = _model("resnet20")
+    pads = [m for m in model.modules() if isinstance(m, PadShortcut)]
+    assert len(pads) == 2  # resnet20's two stage transitions (option A)
+    converted = deploy.pad_shortcuts_as_convolutions(copy.deepcopy(model))
+    assert not any(isinstance(m, PadShortcut) for m in converted.modules())
+    g = torch.Generator().manual_seed(5)
+    for pad in pads:
+        x = torch.randn(2, pad.in_channels, size, size, generator=g)
+        conv = deploy.pad_shortcuts_as_convolutions(nn.Sequential(pad))[0]
+        with torch.no_grad():
+            # Multiplying by 1 and adding zeros is exact: bitwise the same as slice + pad.
+            assert torch.equal(conv(x), pad(x))
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        assert torch.equal(converted(x), model(x))
 
 
 @needs_onednn_graph

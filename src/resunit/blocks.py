@@ -113,6 +113,7 @@ class PadShortcut(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
+        self.in_channels = in_channels
         self.extra_channels = out_channels - in_channels
         self.stride = stride
 
