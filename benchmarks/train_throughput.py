@@ -133,22 +133,29 @@ class Normalize(torch.nn.Module):
         return x.sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
 
 
-class TutorialDataset(torch.utils.data.Dataset):
-    """A CIFAR-style dataset (HWC uint8 arrays, made a PIL image per item) with the tutorial's
-    transforms, as torchvision's ``CIFAR10(transform=Compose([...]))`` runs them."""
+class CifarLikeDataset(torch.utils.data.Dataset):
+    """Images held as torchvision's CIFAR10 holds them: HWC uint8 arrays, labels as ints."""
 
     def __init__(self, dataset) -> None:
-        self.images = dataset.images.permute(0, 2, 3, 1).numpy()  # HWC, like torchvision's CIFAR
+        self.images = dataset.images.permute(0, 2, 3, 1).numpy()  # HWC, like CIFAR10.data
         self.labels = dataset.labels.tolist()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class TutorialDataset(CifarLikeDataset):
+    """(b): a PIL image per item through the tutorial's transforms, as torchvision's
+    ``CIFAR10(transform=Compose([...]))`` runs them."""
+
+    def __init__(self, dataset) -> None:
+        super().__init__(dataset)
         self.transforms = [
             RandomCrop(32, padding=4),
             RandomHorizontalFlip(),
             ToTensor(),
             Normalize(list(dataset.mean), list(dataset.std)),
         ]
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
     def __getitem__(self, i: int):
         image = Image.fromarray(self.images[i])
@@ -157,7 +164,7 @@ class TutorialDataset(torch.utils.data.Dataset):
         return image, self.labels[i]
 
 
-class InlinedDataset(TutorialDataset):
+class InlinedDataset(CifarLikeDataset):
     """(b0): the same per-image work hand-inlined into one ``__getitem__`` (Python's RNG, no
     module calls, no clone): a leaner per-image loop than any tutorial's, kept as a stronger
     reference."""

@@ -505,20 +505,32 @@ needs_onednn_graph = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("size", [8, 7])  # odd sizes: ceil(H/2) rows from both
-def test_pad_shortcuts_become_exactly_equal_convolutions(size):
-    model = _model("resnet20")
-    pads = [m for m in model.modules() if isinstance(m, PadShortcut)]
-    assert len(pads) == 2  # resnet20's two stage transitions (option A)
-    converted = deploy.pad_shortcuts_as_convolutions(copy.deepcopy(model))
-    assert not any(isinstance(m, PadShortcut) for m in converted.modules())
+def test_pad_shortcuts_become_convolutions_that_compute_them_bitwise(size):
     g = torch.Generator().manual_seed(5)
-    for pad in pads:
+    for pad in (PadShortcut(16, 32, 2), PadShortcut(8, 8, 2), PadShortcut(4, 12, 1)):
+        conv = deploy.pad_shortcuts_as_convolutions(pad)  # the root itself may be one
+        assert isinstance(conv, nn.Conv2d)
         x = torch.randn(2, pad.in_channels, size, size, generator=g)
-        conv = deploy.pad_shortcuts_as_convolutions(nn.Sequential(pad))[0]
         with torch.no_grad():
-            # Multiplying by 1 and adding zeros is exact: bitwise the same as slice + pad.
+            # Only ones and zeros multiply: bitwise the same as slice + pad (finite inputs).
             assert torch.equal(conv(x), pad(x))
-    x = torch.randn(2, 3, 32, 32, generator=g)
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "dtype"),
+    [
+        ("resnet20", {}, torch.float32),
+        ("resnet20", {}, torch.float64),  # the convolution takes its unit's dtype
+        ("resnet50", {"shortcut": "pad"}, torch.float32),  # bottleneck units
+        ("preact_resnet110", {"shortcut": "pad"}, torch.float32),  # pre-activation
+    ],
+)
+def test_models_with_pad_shortcuts_compute_the_same_after_the_rewrite(name, overrides, dtype):
+    model = _model(name, **overrides).to(dtype)
+    converted = deploy.pad_shortcuts_as_convolutions(model)
+    assert any(isinstance(m, PadShortcut) for m in model.modules()), "the original is kept"
+    assert not any(isinstance(m, PadShortcut) for m in converted.modules())
+    x = _input(name).to(dtype)
     with torch.no_grad():
         assert torch.equal(converted(x), model(x))
 
@@ -527,7 +539,7 @@ def test_pad_shortcuts_become_exactly_equal_convolutions(size):
 @pytest.mark.parametrize(
     "name, channels_last",
     [(name, True) for name in ("resnet20", "resnet18", "resnext50_32x4d", "preact_resnet164")]
-    + [("wrn_16_4", True), ("resnet20", False)],
+    + [(name, False) for name in ("resnet20", "wrn_16_4")],
 )
 def test_onednn_graph_matches_the_original(name, channels_last):
     model = _model(name)
@@ -658,15 +670,16 @@ def test_quantize_needs_calibration_batches():
 
 
 @pytest.mark.skipif(not deploy.pt2e_available(), reason="needs torchao (the [int8] extra)")
-def test_pt2e_int8_model_is_close_to_float_for_any_batch():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pt2e_int8_model_is_close_to_float_for_any_batch(dtype):
     model = _model("resnet20", in_chans=1)
     g = torch.Generator().manual_seed(3)
     # Calibration batches of different sizes: the captured graph keeps the batch dynamic.
     batches = [torch.randn(n, 1, 8, 8, generator=g) for n in (16, 8)]
-    # A float64 model and batches are quantized from a float32 copy, and left as they are.
-    model64 = copy.deepcopy(model).double()
-    int8 = deploy.quantize_pt2e(model64, [b.double() for b in batches])
-    assert next(model64.parameters()).dtype == torch.float64
+    # A float64 model is quantized from a float32 copy and left as it is.
+    given = copy.deepcopy(model).to(dtype)
+    int8 = deploy.quantize_pt2e(given, [b.to(dtype) for b in batches])
+    assert next(given.parameters()).dtype == dtype
     x = torch.randn(3, 1, 8, 8, generator=g)
     with torch.no_grad():
         assert relative_difference(int8(x), model(x)) <= 0.1

@@ -383,7 +383,7 @@ def optimize(
       first call for each batch size, which takes seconds).
     - ``"onednn_graph"``: a frozen TorchScript trace run with oneDNN Graph fusion (see
       :class:`OneDnnGraphModel`). Far less framework overhead per layer: on 2 cores it was
-      1.1-1.9× inductor at batch 1 and on a par (±3%) at batch 32 (BENCHMARKS.md).
+      1.1-2.2× inductor at batch 1 and 1.0-1.1× at batch 32 (BENCHMARKS.md).
 
     The original model is not modified; outputs match its eval-mode outputs to ~1e-6.
     """
@@ -410,31 +410,49 @@ def _compiler(compile: bool | str) -> str | None:
 
 
 def pad_shortcuts_as_convolutions(model: nn.Module) -> nn.Module:
-    """Replace, in place, each option-A shortcut (:class:`PadShortcut`: strided subsampling,
-    then zero channels appended) by the 1×1 convolution with the same stride that computes it
-    exactly: weight 1 from input channel i to output channel i, 0 everywhere else, no bias.
+    """A copy of ``model`` in which each option-A shortcut (:class:`PadShortcut`: strided
+    subsampling, then zero channels appended) is the 1×1 convolution with the same stride that
+    computes it: weight 1 from input channel i to output channel i, 0 everywhere else, no bias.
+    For finite inputs the result is bitwise the same (only ones and zeros multiply); an inf
+    would turn the appended channels into NaN (0 × inf) and −0.0 comes out as +0.0.
 
     For graph compilers: in a oneDNN Graph trace the slice and the pad are two framework calls
     outside any fused partition, whereas the convolution joins one (with the residual addition
-    after it). ResNet-20 ran 6% faster so at batch 1 (1159 → 1228 img/s, 2 threads, 15
-    interleaved rounds) and the same at batch 32. The convolution costs (in × out)
+    after it). ResNet-20 at batch 1 ran 6% faster so (1159 → 1228 img/s, 2 threads, 15
+    interleaved rounds); at batch 32 it made no difference. The convolution costs (in × out)
     multiply-adds per output pixel, little next to the 3×3 branch beside it.
-    Returns ``model``.
     """
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, PadShortcut):
-                setattr(module, name, _pad_as_convolution(child, *dtype_and_device(model)))
-    return model
+
+    def convolution(pad: nn.Module, parent: nn.Module) -> nn.Module:
+        # The unit around the shortcut says where it computes (a model may mix dtypes).
+        return _pad_as_convolution(pad, *dtype_and_device(parent))
+
+    return _replace_modules(copy.deepcopy(model), PadShortcut, convolution)
 
 
 def _pad_as_convolution(pad: PadShortcut, dtype: torch.dtype, device: torch.device) -> nn.Conv2d:
-    channels = pad.in_channels
-    conv = nn.Conv2d(channels, channels + pad.extra_channels, 1, pad.stride, bias=False)
-    weight = torch.zeros_like(conv.weight, dtype=dtype, device=device)
-    weight[torch.arange(channels), torch.arange(channels)] = 1.0  # out channel i ← in channel i
-    conv.weight = nn.Parameter(weight, requires_grad=False)
+    out_channels = pad.in_channels + pad.extra_channels
+    conv = nn.Conv2d(pad.in_channels, out_channels, 1, pad.stride, bias=False)
+    conv = conv.to(device=device, dtype=dtype)
+    kept = torch.arange(min(pad.in_channels, out_channels))  # a negative pad drops channels
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[kept, kept] = 1.0  # output channel i ← input channel i
     return conv
+
+
+def _replace_modules(
+    model: nn.Module, kind: type[nn.Module], make: Callable[[nn.Module, nn.Module], nn.Module]
+) -> nn.Module:
+    """Replace, in place, every submodule of type ``kind`` by ``make(old, parent)`` and return
+    the model (``model`` itself may be one: then ``make(model, model)``)."""
+    if isinstance(model, kind):
+        return make(model, model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, kind):
+                setattr(parent, name, make(child, parent))
+    return model
 
 
 class OneDnnGraphModel(InferenceModel):
@@ -877,10 +895,7 @@ def quantize_pt2e(model: nn.Module, calibration_batches: Iterable[Tensor]) -> nn
     if not batches:
         raise ConfigError("int8 quantization needs at least one calibration batch")
     float_model = copy.deepcopy(model).eval().to(device="cpu", dtype=torch.float32)
-    for module in list(float_model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.ReLU):
-                setattr(module, name, _FunctionalReLU())
+    float_model = _replace_modules(float_model, nn.ReLU, lambda relu, parent: _FunctionalReLU())
     batch_dim = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         graph = torch.export.export(
