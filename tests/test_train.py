@@ -97,6 +97,42 @@ def test_invalid_options_are_config_errors():
         make_config("imagenet")
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [
+        ("epochs", 1.5, "an integer"),  # would train one epoch, then fail inside range()
+        ("epochs", "1", "an integer"),
+        ("batch_size", True, "an integer"),
+        ("lr", "0.1", "a number"),
+        ("flip", 1, "true or false"),
+        ("milestones", [0.5, "x"], "a list of numbers"),
+        ("threads", 2.0, "an integer or None"),
+    ],
+)
+def test_options_of_the_wrong_type_are_refused_before_any_training(tmp_path, option, value, words):
+    with pytest.raises(ConfigError, match=f"{option} must be {words}"):
+        make_config(**{option: value})
+    config = replace(make_config(out=str(tmp_path / "run")), **{option: value})
+    with pytest.raises(ConfigError, match=f"{option} must be {words}"):
+        train(config, progress=False)  # a TrainConfig built without make_config
+    assert not (tmp_path / "run").exists(), "nothing written"
+
+
+def test_numpy_scalars_and_paths_are_options_like_python_ones(tmp_path):
+    import numpy as np
+
+    config = make_config(
+        epochs=np.int64(2), lr=np.float32(0.5), flip=np.True_, milestones=(np.float64(0.5),),
+        out=tmp_path / "run",
+    )  # fmt: skip
+    assert (config.epochs, config.flip, config.milestones, config.out) == (
+        2, True, [0.5], str(tmp_path / "run"),
+    )  # fmt: skip
+    assert type(config.epochs) is int and type(config.lr) is float
+    direct = TrainConfig(epochs=np.int64(3), milestones=[np.float64(0.5)])
+    assert json.loads(json.dumps(direct.to_dict()))["epochs"] == 3  # config.json is writable
+
+
 # --- distributed sharding -----------------------------------------------------------------
 
 
@@ -150,8 +186,9 @@ def test_evaluate_restores_the_callers_mode_and_checks_the_batch_size():
         model.train(training)
         evaluate(model, data, batch_size=16)
         assert model.training is training
-    with pytest.raises(ConfigError, match="batch size must be ≥ 1, got 0"):
-        evaluate(model, data, batch_size=0)
+    for bad in (0, "64", 16.0):
+        with pytest.raises(ConfigError, match=f"batch size must be an integer ≥ 1, got {bad!r}"):
+            evaluate(model, data, batch_size=bad)
 
 
 @pytest.mark.skipif(not deploy.onnx_available(), reason="needs the [onnx] extra")

@@ -14,19 +14,24 @@ import contextlib
 import hashlib
 import json
 import math
+import numbers
 import os
 import signal
 import threading
 import time
+import types
+import typing
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from resunit.blocks import _require_int
 from resunit.checkpoint import read_checkpoint, save_checkpoint
 from resunit.data import ImageDataset, augment, load_dataset, normalize
 from resunit.errors import CheckpointError, ConfigError, DatasetError, TrainingError
@@ -76,7 +81,18 @@ class TrainConfig:
     out: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The options as plain JSON types (numpy scalars become Python numbers)."""
+        return {key: _plain(value) for key, value in asdict(self).items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 # Named presets. Explicit options win over a recipe; a recipe wins over the defaults above.
@@ -125,7 +141,10 @@ def make_config(recipe: str | None = None, **options: Any) -> TrainConfig:
 
     ``None`` values in ``options`` mean "not given" so a CLI can pass all its arguments.
     """
-    options = {k: v for k, v in options.items() if v is not None}
+    options = {k: _plain(v) for k, v in options.items() if v is not None}
+    for key in ("out", "data_root"):  # a pathlib.Path is as good as a string here
+        if isinstance(options.get(key), os.PathLike):
+            options[key] = os.fspath(options[key])
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -150,6 +169,7 @@ def make_config(recipe: str | None = None, **options: Any) -> TrainConfig:
 
 def validate_config(config: TrainConfig) -> None:
     """Reject impossible values with one clear message each."""
+    _check_option_types(config)
     if config.schedule not in SCHEDULES:
         raise ConfigError(f"unknown schedule {config.schedule!r}: choose {', '.join(SCHEDULES)}")
     checks = [
@@ -184,6 +204,51 @@ def validate_config(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def _check_option_types(config: TrainConfig) -> None:
+    # Python callers can pass anything; a float epoch count would otherwise train one epoch and
+    # then fail inside range(), leaving a run that can be neither resumed nor restarted.
+    hints = typing.get_type_hints(TrainConfig)
+    for option in fields(TrainConfig):
+        value, expected = getattr(config, option.name), hints[option.name]
+        if not _has_type(value, expected):
+            raise ConfigError(
+                f"training option {option.name} must be {_type_words(expected)}, got {value!r}"
+            )
+
+
+def _has_type(value: Any, expected: Any) -> bool:
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        return any(_has_type(value, option) for option in typing.get_args(expected))
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, (bool, np.bool_))
+    if expected is int:  # numbers.Integral takes numpy's integers; a bool is no count
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if expected is str:
+        return isinstance(value, str)
+    origin = typing.get_origin(expected)
+    if origin is list:
+        (item,) = typing.get_args(expected)
+        return isinstance(value, (list, tuple)) and all(_has_type(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    return True  # Any
+
+
+def _type_words(expected: Any) -> str:
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        return " or ".join(_type_words(option) for option in typing.get_args(expected))
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if expected is type(None):
+        return "None"
+    if typing.get_origin(expected) is list:
+        return "a list of numbers"
+    return words.get(expected, "a dict")
 
 
 # --- optimiser and schedule ---------------------------------------------------------------
@@ -314,8 +379,7 @@ def evaluate(
     ``device``, by default the model's (CPU when it has no parameters or buffers). Its
     train/eval mode is restored afterwards, even when evaluation fails.
     """
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be ≥ 1, got {batch_size}")
+    batch_size = _require_int("batch size", batch_size, 1)
     device = torch.device(device) if device else dtype_and_device(model)[1]
     was_training = model.training
     model.eval()
