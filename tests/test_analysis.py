@@ -434,6 +434,16 @@ def test_lesion_replaces_a_unit_by_its_shortcut_and_restores_it(digits_batch):
     assert torch.equal(again, intact)
 
 
+@pytest.mark.parametrize("name", ["layer9.0", "layer1.9", "layer1", "fc"])
+def test_lesioning_a_unit_the_model_lacks_is_a_config_error(name):
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    with (
+        pytest.raises(ConfigError, match=rf"no unit '{name}' in this model.*layer1\.0 … layer3\.2"),
+        lesioned(model, name),
+    ):
+        pass
+
+
 def test_removing_a_zero_initialised_unit_changes_nothing(digits_test):
     # F(x) = 0 and x ≥ 0 after a ReLU, so relu(F(x) + x) = x: every lesion is invisible.
     model = create_model("resnet20", num_classes=10, in_chans=1, zero_init_residual=True)
@@ -507,6 +517,25 @@ def test_gradient_flow_compares_same_layers_of_both_versions(digits_test, digits
     torch.manual_seed(5)
     model = create_model("resnet20", num_classes=10, in_chans=1)
     assert flow["residual"] == layer_gradient_norms(model, digits_batch, digits_test.labels[:96])
+
+
+def test_gradient_flow_builds_models_for_the_images_channels(digits_test, digits_batch):
+    labels = digits_test.labels[:96]
+    inferred = gradient_flow("resnet20", digits_batch, labels, num_classes=10, seed=5)
+    given = gradient_flow("resnet20", digits_batch, labels, num_classes=10, in_chans=1, seed=5)
+    assert inferred == given  # 1-channel digits: in_chans=1 without being told
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    with pytest.raises(ConfigError, match=r"takes a model name .* got a ResNet$"):
+        gradient_flow(model, digits_batch, labels)
+
+
+def test_residual_ratios_refuse_one_tensor_for_a_list_of_batches(digits_batch):
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    with pytest.raises(ConfigError, match="not one tensor: pass \\[batch\\]"):
+        residual_ratios(model, digits_batch)
+    with pytest.raises(ConfigError, match="each batch must be an N×C×H×W tensor, got 1×8×8"):
+        residual_ratios(model, [digits_batch[0]])
+    assert len(residual_ratios(model, [digits_batch])) == 9  # the right call works
 
 
 # --- plots: atomic, closed, one-line errors ----------------------------------------------------

@@ -645,6 +645,45 @@ def test_static_export_rejects_another_batch_size(tmp_path):
 
 
 @needs_onnx
+def test_a_fixed_batch_export_verifies_by_default_and_runs_any_batch_in_pieces(tmp_path):
+    model = _model("resnet20", in_chans=1)
+    path = deploy.export_onnx(model, tmp_path / "m.onnx", (1, 8, 8))  # batch fixed to 1
+    check = deploy.verify_onnx(path, model, (1, 8, 8))  # the defaults of both agree
+    assert check.batch_sizes == [1] and check.passed
+    runner = deploy.OnnxRuntimeModel(path)
+    assert runner.batch_size == 1
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert relative_difference(runner(x), model(x)) <= 1e-4  # five calls, stacked
+    dynamic = deploy.OnnxRuntimeModel(
+        deploy.export_onnx(model, tmp_path / "d.onnx", (1, 8, 8), dynamic_batch=True)
+    )
+    assert dynamic.batch_size is None
+    assert deploy.verify_onnx(dynamic.path, model, (1, 8, 8)).batch_sizes == [1, 2]
+
+
+@needs_onnx
+def test_onnx_mistakes_are_one_line_errors(tmp_path):
+    model = _model("resnet20", in_chans=1)
+    (tmp_path / "folder.onnx").mkdir()
+    with pytest.raises(ConfigError, match="is a directory"):
+        deploy.export_onnx(model, tmp_path / "folder.onnx", (1, 8, 8))
+    with pytest.raises(ConfigError, match=r"C×H×W \(3 numbers, without the batch\), got 1×1×8×8"):
+        deploy.export_onnx(model, tmp_path / "m.onnx", (1, 1, 8, 8))
+    assert not (tmp_path / "m.onnx").exists()
+    with pytest.raises(DeployError, match="no ONNX file at"):
+        deploy.OnnxRuntimeModel(tmp_path / "missing.onnx")
+    (tmp_path / "garbage.onnx").write_text("not a model")
+    with pytest.raises(DeployError, match="ONNX Runtime cannot load"):
+        deploy.verify_onnx(tmp_path / "garbage.onnx", model, (1, 8, 8))
+    path = deploy.export_onnx(model, tmp_path / "m.onnx", (1, 8, 8))
+    with pytest.raises(ConfigError, match="takes 1-channel images"):
+        deploy.verify_onnx(path, model, (3, 8, 8))
+    with pytest.raises(ConfigError, match="not one tensor"):
+        deploy.quantize(model, torch.randn(4, 1, 8, 8))
+
+
+@needs_onnx
 def test_int8_model_is_quantized_and_close_to_float(tmp_path):
     import onnx
 

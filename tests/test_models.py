@@ -495,10 +495,16 @@ def test_bottleneck_too_narrow_for_its_width_per_group_is_refused():
         create_model("resnet50", width_per_group=1, widths=(32, 64, 128, 256))
 
 
-@pytest.mark.parametrize("name", [None, 50, "ResNet-50"])
+@pytest.mark.parametrize("name", ["ResNet-50", "resnet 50"])
 def test_a_name_that_is_no_model_is_a_config_error(name):
     with pytest.raises(ConfigError, match="unknown model"):
         create_model(name)
+
+
+@pytest.mark.parametrize("name", [None, 50, create_model("resnet20")])
+def test_something_other_than_a_name_is_a_short_config_error(name):
+    with pytest.raises(ConfigError, match=f"^a model name is a string, got {type(name).__name__}$"):
+        create_model(name)  # a model passed by mistake is not printed whole
 
 
 def test_stem_width_is_honoured_exactly():

@@ -33,7 +33,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from resunit.blocks import ResidualUnit, describe_shortcut, normalize_shortcut_kind
+from resunit.blocks import (
+    ResidualUnit,
+    _did_you_mean,
+    describe_shortcut,
+    normalize_shortcut_kind,
+)
 from resunit.errors import ConfigError
 from resunit.models import (
     ResNet,
@@ -360,6 +365,23 @@ def _module_summary(module: nn.Module) -> str:
 
 
 @torch.no_grad()
+def image_batches(batches: Iterable[Tensor], what: str) -> Iterator[Tensor]:
+    """``batches`` one by one, each checked to be an N×C×H×W tensor.
+
+    One tensor passed where a list of batches belongs is refused: iterating it would yield
+    single C×H×W images and fail deep inside the first layer.
+    """
+    if isinstance(batches, Tensor):
+        raise ConfigError(
+            f"{what} takes a list of image batches (N×C×H×W tensors), not one tensor: pass [batch]"
+        )
+    for batch in batches:
+        if not isinstance(batch, Tensor) or batch.dim() != 4:
+            got = "×".join(map(str, batch.shape)) if isinstance(batch, Tensor) else repr(batch)
+            raise ConfigError(f"{what}: each batch must be an N×C×H×W tensor, got {got[:80]}")
+        yield batch
+
+
 def residual_ratios(model: ResNet, batches: Iterable[Tensor]) -> list[dict[str, Any]]:
     """Per unit: mean over images of ‖F(x)‖ / ‖x‖ and the standard deviation of F(x).
 
@@ -370,9 +392,9 @@ def residual_ratios(model: ResNet, batches: Iterable[Tensor]) -> list[dict[str, 
     The model's modes are restored afterwards.
     """
     stats: dict[str, dict[str, float]] = {}
-    with _modes_restored(model):
+    with _modes_restored(model), torch.no_grad():  # forward only: no graph to keep
         model.eval()
-        for images in batches:
+        for images in image_batches(batches, "residual_ratios"):
             x = model.forward_stem(images)
             for name, unit in model.named_units():
                 residual = unit.residual(x).double()
@@ -458,6 +480,12 @@ def can_lesion(unit: ResidualUnit) -> bool:
 def lesioned(model: ResNet, name: str) -> Iterator[ResNet]:
     """Within the block, unit ``name`` (e.g. ``"layer2.3"``) loses its residual branch
     (see :class:`ShortcutOnly`: a post-activation unit keeps its ReLU after the sum)."""
+    names = [unit_name for unit_name, _ in model.named_units()]
+    if name not in names:
+        raise ConfigError(
+            f"no unit {name!r} in this model{_did_you_mean(str(name), names)}: its units are "
+            f"{names[0]} … {names[-1]}"
+        )
     stage_name, index = name.rsplit(".", 1)
     stage = getattr(model, stage_name)
     unit = stage[int(index)]
@@ -573,8 +601,16 @@ def gradient_flow(
     versions (see :func:`counterparts`), both seeded alike and given the same batch.
 
     Returns ``{"residual": rows, "plain": rows, "labels": {"residual": …, "plain": …}}``.
+    The models take as many input channels as ``images`` has unless ``in_chans`` is given.
     Torch's global random state is the same afterwards as before.
     """
+    if not isinstance(model_name, str):
+        raise ConfigError(
+            "gradient_flow takes a model name (it builds the residual and the plain version "
+            f"itself), got a {type(model_name).__name__}"
+        )
+    if images.dim() == 4:
+        overrides.setdefault("in_chans", images.shape[1])
     result: dict[str, Any] = {"labels": {}}
     for version in ("residual", "plain"):
         label, name, options = counterparts(model_name, **overrides)[version]
@@ -702,6 +738,7 @@ __all__ = [
     "count_multiply_adds",
     "counterparts",
     "gradient_flow",
+    "image_batches",
     "input_shape_of",
     "inspect_model",
     "inspect_unit",

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from resunit.allocator import retain_freed_memory as retain_freed_memory  # also for training
 from resunit.analysis import count_multiply_adds as count_multiply_adds  # one MAC counter
+from resunit.analysis import image_batches
 from resunit.analysis import parse_input_shape as parse_input_shape  # one --input parser
 from resunit.blocks import (
     BasicBlock,
@@ -45,6 +46,7 @@ from resunit.blocks import (
 )
 from resunit.errors import ConfigError, DeployError
 from resunit.models import ResNet, dtype_and_device
+from resunit.outputs import atomic_output, check_output_location, reason
 
 # --- BatchNorm folding -----------------------------------------------------------------------
 
@@ -532,9 +534,15 @@ def compile_works() -> tuple[bool, str]:
         with torch.no_grad(), _inductor_patch(COMPILE_OPTIONS):
             fn(torch.randn(4))
     except Exception as exc:  # inductor fails with many types when no toolchain exists
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return False, f"{type(exc).__name__}: {first_line}"[:200]
+        return False, f"{type(exc).__name__}: {_first_line(exc)}"[:200]
     return True, ""
+
+
+def _first_line(exc: BaseException) -> str:
+    # Third-party errors (inductor, TorchScript, ONNX Runtime) can run to pages; the first line
+    # says what went wrong.
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def onednn_graph_works() -> tuple[bool, str]:
@@ -548,8 +556,7 @@ def onednn_graph_works() -> tuple[bool, str]:
         if relative_difference(fused(x), net(x)) > 1e-5:
             return False, "its output differs from the model's"
     except Exception as exc:  # TorchScript fails with many types once it is removed
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return False, f"{type(exc).__name__}: {first_line}"[:200]
+        return False, f"{type(exc).__name__}: {_first_line(exc)}"[:200]
     return True, ""
 
 
@@ -582,7 +589,13 @@ def onnx_available() -> bool:
 
 
 def check_input_channels(model: nn.Module, input_shape: Sequence[int]) -> None:
-    """A clear error when ``input_shape`` has another channel count than the model takes."""
+    """A clear error when ``input_shape`` is not C×H×W or has another channel count than the
+    model takes."""
+    if len(input_shape) != 3:
+        raise ConfigError(
+            f"an input shape is C×H×W (3 numbers, without the batch), got "
+            f"{'×'.join(map(str, input_shape))}"
+        )
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first_conv is not None and input_shape[0] != first_conv.in_channels:
         raise ConfigError(
@@ -620,18 +633,23 @@ def export_onnx(
     _require_weights(model)
     check_input_channels(model, input_shape)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_output_location(path, "the ONNX path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the folder of {path}: {reason(exc)}") from None
     export_model = fold_batchnorm(model) if fold else copy.deepcopy(model).eval()
     export_model = export_model.to(device="cpu", dtype=torch.float32)
     example = torch.randn(1, *input_shape)
     dynamic_axes = (
         {ONNX_INPUT_NAME: {0: "batch"}, ONNX_OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     )
-    with torch.no_grad(), _quiet_exporter():
+    # Written whole or not at all: an export that fails halfway leaves no file at path.
+    with atomic_output(path, "the ONNX file") as tmp, torch.no_grad(), _quiet_exporter():
         torch.onnx.export(
             export_model,
             (example,),
-            str(path),
+            str(tmp),
             dynamo=False,
             opset_version=opset,
             input_names=[ONNX_INPUT_NAME],
@@ -675,7 +693,12 @@ def onnxruntime_session(
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spin else "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if not Path(path).is_file():
+        raise DeployError(f"no ONNX file at {path}")
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise DeployError(f"ONNX Runtime cannot load {path}: {_first_line(exc)}") from None
 
 
 class OnnxRuntimeModel(nn.Module):
@@ -683,7 +706,9 @@ class OnnxRuntimeModel(nn.Module):
 
     A (parameter-free) ``nn.Module`` so that code written for models, such as evaluation
     loops, accepts it unchanged. Inputs of any dtype or device are run as float32 on the CPU.
-    Calling it from several threads at once is safe (ONNX Runtime sessions allow it).
+    A file exported for one batch size (``export_onnx``'s default) takes any batch: it is run
+    in pieces of that size. Calling it from several threads at once is safe (ONNX Runtime
+    sessions allow it).
     """
 
     def __init__(
@@ -692,11 +717,34 @@ class OnnxRuntimeModel(nn.Module):
         super().__init__()
         self.path = Path(path)
         self.session = onnxruntime_session(path, threads, spin=spin)
-        self.input_name = self.session.get_inputs()[0].name
+        first_input = self.session.get_inputs()[0]
+        self.input_name = first_input.name
+        batch = first_input.shape[0] if first_input.shape else None
+        #: The batch size the file was exported for; None when it takes any.
+        self.batch_size: int | None = batch if isinstance(batch, int) else None
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
-        (out,) = self.session.run(None, {self.input_name: x.numpy()})
+        size = self.batch_size
+        if size is None or len(x) == size:
+            return self.run(x)
+        outputs = []
+        for piece in x.split(size):
+            missing = size - len(piece)  # the last piece is zero-padded; images are independent
+            padded = torch.cat([piece, piece.new_zeros(missing, *piece.shape[1:])])
+            outputs.append(self.run(padded)[: len(piece)])
+        return torch.cat(outputs)
+
+    def run(self, x: Tensor) -> Tensor:
+        """One ONNX Runtime call on exactly ``x`` (a contiguous float32 CPU tensor)."""
+        try:
+            (out,) = self.session.run(None, {self.input_name: x.numpy()})
+        except Exception as exc:  # onnxruntime raises its own exception types
+            shape = "×".join(map(str, x.shape[1:]))
+            raise DeployError(
+                f"ONNX Runtime cannot run {self.path} on a batch of {len(x)} ({shape} images): "
+                f"{_first_line(exc)}"
+            ) from None
         return torch.from_numpy(out)
 
 
@@ -719,11 +767,14 @@ def verify_onnx(
     model: nn.Module,
     input_shape: Sequence[int],
     *,
-    batch_sizes: Sequence[int] = (1, 2),
+    batch_sizes: Sequence[int] | None = None,
     tolerance: float = ONNX_TOLERANCE,
     seed: int = 0,
 ) -> OnnxCheck:
     """Run the ONNX file in ONNX Runtime on seeded random inputs and compare with ``model``.
+
+    ``batch_sizes`` default to what the file takes: 1 and 2 when its batch is dynamic, its
+    fixed batch size otherwise. Each is run as one ONNX Runtime call, as a deployment would.
 
     The reference is the original eval-mode model (not the folded copy that was exported), so
     the check covers folding and export together. It runs in the model's own dtype and on its
@@ -731,7 +782,10 @@ def verify_onnx(
     when the largest difference, relative to the output scale, exceeds ``tolerance``.
     """
     _require_weights(model)
+    check_input_channels(model, input_shape)
     runner = OnnxRuntimeModel(path)
+    if batch_sizes is None:
+        batch_sizes = (1, 2) if runner.batch_size is None else (runner.batch_size,)
     reference = copy.deepcopy(model).eval()
     dtype, device = dtype_and_device(reference)
     generator = torch.Generator().manual_seed(seed)
@@ -740,12 +794,7 @@ def verify_onnx(
         x = torch.randn(batch, *input_shape, generator=generator)
         with torch.no_grad():
             expected = reference(x.to(device=device, dtype=dtype)).cpu()
-        try:
-            actual = runner(x)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise DeployError(
-                f"ONNX Runtime cannot run {path} on a batch of {batch}: {exc}"
-            ) from None
+        actual = runner.run(x)
         difference = relative_difference(actual, expected)
         # max() would pass NaN over (max(0.0, nan) is 0.0): a non-finite output never matches.
         worst = max(worst, difference if math.isfinite(difference) else math.inf)
@@ -795,7 +844,8 @@ def quantize(
     if method not in methods:
         raise ConfigError(f"unknown calibration method {method!r}: choose {', '.join(methods)}")
     batches = [
-        b.detach().to(device="cpu", dtype=torch.float32).contiguous() for b in calibration_batches
+        b.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        for b in image_batches(calibration_batches, "quantize")
     ]
     if not batches:
         raise ConfigError("int8 quantization needs at least one calibration batch")
@@ -891,7 +941,10 @@ def quantize_pt2e(model: nn.Module, calibration_batches: Iterable[Tensor]) -> nn
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     except Exception:
         raise DeployError("PT2E int8 needs torchao: pip install 'resunit[int8]'") from None
-    batches = [b.detach().to(device="cpu", dtype=torch.float32) for b in calibration_batches]
+    batches = [
+        b.detach().to(device="cpu", dtype=torch.float32)
+        for b in image_batches(calibration_batches, "quantize_pt2e")
+    ]
     if not batches:
         raise ConfigError("int8 quantization needs at least one calibration batch")
     float_model = copy.deepcopy(model).eval().to(device="cpu", dtype=torch.float32)

@@ -476,7 +476,9 @@ def default_input_shape(name: str) -> tuple[int, int, int]:
 
 def get_model_spec(name: str) -> ModelSpec:
     """The registry entry for ``name``; a clear error naming close matches otherwise."""
-    if not isinstance(name, str) or name not in _REGISTRY:
+    if not isinstance(name, str):  # e.g. a model where its name belongs: not its whole repr
+        raise ConfigError(f"a model name is a string, got {type(name).__name__}")
+    if name not in _REGISTRY:
         raise ConfigError(
             f"unknown model {name!r}{_did_you_mean(name, _REGISTRY)}; "
             "`resunit models` lists the available ones"
