@@ -85,10 +85,18 @@ def test_projection_only_when_asked_for_if_shapes_match():
         (16, 32, 2, "B", "projection"),
         (16, 16, 1, "B", "identity"),
         (16, 16, 1, "C", "projection"),
+        (64, 64, 1, "identity", "identity"),
     ],
 )
 def test_resolve_shortcut(cin, cout, stride, kind, expected):
     assert resolve_shortcut(cin, cout, stride, kind) == expected
+
+
+@pytest.mark.parametrize(("cout", "stride"), [(128, 1), (64, 2), (128, 2)])
+def test_an_identity_shortcut_where_the_shape_changes_is_refused(cout, stride):
+    with pytest.raises(ConfigError, match=f"identity shortcut cannot go from 64 to {cout} "):
+        BasicBlock(64, cout, stride=stride, shortcut="identity")
+    assert BasicBlock(64, 64, shortcut="identity").shortcut_kind == "identity"
 
 
 def test_pad_with_fewer_output_channels_is_refused():

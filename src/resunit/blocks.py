@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from resunit.errors import ConfigError
 
-SHORTCUT_KINDS = ("auto", "projection", "pad", "avgpool", "none")
+SHORTCUT_KINDS = ("auto", "identity", "projection", "pad", "avgpool", "none")
 # The paper's letters for the same choices (He et al. 2015, §4.1 "Identity vs. Projection
 # Shortcuts"): A pads, B projects only where shapes change, C projects everywhere.
 _PAPER_OPTIONS = {"a": "pad", "b": "auto", "c": "projection"}
@@ -90,7 +90,8 @@ def resolve_shortcut(in_channels: int, out_channels: int, stride: int, kind: str
 
     Returns one of ``identity``, ``projection``, ``pad``, ``avgpool``, ``none``. ``auto``,
     ``pad`` and ``avgpool`` use the identity whenever shapes already match; only an explicit
-    ``projection`` projects a shortcut whose shapes match (the paper's option C).
+    ``projection`` projects a shortcut whose shapes match (the paper's option C). Asking for
+    ``identity`` where the unit changes shape is an error.
     """
     kind = normalize_shortcut_kind(kind)
     shapes_match = in_channels == out_channels and stride == 1
@@ -100,6 +101,12 @@ def resolve_shortcut(in_channels: int, out_channels: int, stride: int, kind: str
         return "projection"
     if shapes_match:
         return "identity"
+    if kind == "identity":
+        raise ConfigError(
+            f"an identity shortcut cannot go from {in_channels} to {out_channels} channels at "
+            f"stride {stride}: use shortcut='auto' (identity where shapes match, projection "
+            "elsewhere) or 'pad'"
+        )
     if kind == "pad" and out_channels < in_channels:
         raise ConfigError(
             f"shortcut 'pad' (option A) cannot go from {in_channels} to {out_channels} channels: "

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from resunit.blocks import SHORTCUT_KINDS
 from resunit.cli.common import add_json_flag, format_table, print_json
 from resunit.data import DATASETS
 from resunit.errors import ConfigError
@@ -76,7 +77,9 @@ def _register_inspect(subparsers: argparse._SubParsersAction) -> None:
         "--block", help="basic, bottleneck, preact_basic or preact_bottleneck (default basic)"
     )
     g.add_argument(
-        "--shortcut", help="auto, projection, pad, avgpool, none (or A/B/C; default auto)"
+        "--shortcut",
+        help=f"{', '.join(SHORTCUT_KINDS)} (or the paper's A/B/C; default auto: the identity "
+        "where shapes match, a projection where they change)",
     )
     add_json_flag(p)
     p.set_defaults(handler=run_inspect)
