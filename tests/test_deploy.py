@@ -681,6 +681,10 @@ def test_onnx_mistakes_are_one_line_errors(tmp_path):
         deploy.verify_onnx(path, model, (3, 8, 8))
     with pytest.raises(ConfigError, match="not one tensor"):
         deploy.quantize(model, torch.randn(4, 1, 8, 8))
+    with pytest.raises(ConfigError, match="the ONNX file first"):
+        deploy.verify_onnx(model, path, (1, 8, 8))  # arguments in export_onnx's order
+    with pytest.raises(ConfigError, match="the model first"):
+        deploy.export_onnx(path, model, (1, 8, 8))
 
 
 @needs_onnx

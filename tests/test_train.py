@@ -118,6 +118,11 @@ def test_options_of_the_wrong_type_are_refused_before_any_training(tmp_path, opt
     assert not (tmp_path / "run").exists(), "nothing written"
 
 
+def test_train_without_a_config_or_a_run_to_resume_is_a_config_error():
+    with pytest.raises(ConfigError, match="needs a TrainConfig"):
+        train(None, progress=False)
+
+
 def test_numpy_scalars_and_paths_are_options_like_python_ones(tmp_path):
     import numpy as np
 
@@ -337,7 +342,7 @@ def test_in_process_resume_from_an_epoch_boundary_is_bitwise_identical(tmp_path)
     state = read_checkpoint(tmp_path / "part" / "last.pt")
     state["config"]["steps"] = None  # the same run as "full", stopped after its first epoch
     torch.save(state, tmp_path / "part" / "last.pt")
-    resumed = train(TrainConfig(), progress=False, resume=str(tmp_path / "part"))
+    resumed = train(None, progress=False, resume=tmp_path / "part")  # its saved options
     assert resumed["weights_sha256"] == full["weights_sha256"]
     metrics = read_metrics(tmp_path / "part")
     assert [m["epoch"] for m in metrics] == [1, 2]

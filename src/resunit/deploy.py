@@ -630,6 +630,8 @@ def export_onnx(
     converted to float32 on the CPU and exported. The model itself is not modified.
     """
     _require_onnx()
+    if isinstance(path, nn.Module):  # verify_onnx takes (path, model): easily swapped
+        raise ConfigError("export_onnx takes (model, path, input_shape): the model first")
     _require_weights(model)
     check_input_channels(model, input_shape)
     path = Path(path)
@@ -781,6 +783,8 @@ def verify_onnx(
     device, on the same float32 inputs that ONNX Runtime gets. Raises :class:`DeployError`
     when the largest difference, relative to the output scale, exceeds ``tolerance``.
     """
+    if isinstance(path, nn.Module):  # export_onnx takes (model, path): easily swapped
+        raise ConfigError("verify_onnx takes (path, model, input_shape): the ONNX file first")
     _require_weights(model)
     check_input_channels(model, input_shape)
     runner = OnnxRuntimeModel(path)

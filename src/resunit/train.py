@@ -587,12 +587,18 @@ def checkpoint_config(
     }
 
 
-def train(config: TrainConfig, progress: bool = True, resume: str | None = None) -> dict[str, Any]:
+def train(
+    config: TrainConfig | None, progress: bool = True, resume: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
     """Train ``config`` (or continue the run in directory ``resume``) and return a summary.
 
-    The summary has ``test_accuracy`` (of the final weights), ``best_val_accuracy``,
-    ``run_dir``, ``epochs``, ``steps``, ``seconds``, ``images_per_second`` and
-    ``interrupted`` (True when Ctrl-C stopped the run after saving a resumable checkpoint).
+    The summary has ``run_dir``, ``epochs``, ``steps``, ``seconds``, ``images_per_second``,
+    ``best_val_accuracy`` and ``interrupted`` (True when Ctrl-C stopped the run after saving
+    a resumable checkpoint). A run that finished also has ``test_accuracy``, ``test_loss``
+    and ``per_class_accuracy`` (of the final weights); an interrupted one is not tested.
+
+    With ``resume``, the run continues with the options saved in its directory; ``config``
+    may be None and is not used then (other options would break the exact continuation).
 
     ``config.threads`` (the digits recipe sets 1) holds only while training: torch's thread
     count is restored when this returns or raises, so a caller's later work is not left on
@@ -614,8 +620,14 @@ def restore_torch_threads() -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
-def _train(config: TrainConfig, progress: bool, resume: str | None) -> dict[str, Any]:
+def _train(
+    config: TrainConfig | None, progress: bool, resume: str | os.PathLike[str] | None
+) -> dict[str, Any]:
     state = None
+    if resume is None and not isinstance(config, TrainConfig):
+        raise ConfigError(
+            f"train() needs a TrainConfig (from make_config) or resume=RUN_DIR, got {config!r}"
+        )
     if resume is not None:
         run_dir = Path(resume)
         state = read_checkpoint(run_dir / "last.pt")
