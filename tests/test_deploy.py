@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -660,6 +661,41 @@ def test_a_fixed_batch_export_verifies_by_default_and_runs_any_batch_in_pieces(t
     )
     assert dynamic.batch_size is None
     assert deploy.verify_onnx(dynamic.path, model, (1, 8, 8)).batch_sizes == [1, 2]
+
+
+@needs_onnx
+def test_a_file_fixed_to_batch_four_runs_any_batch_in_padded_pieces(tmp_path):
+    model = _model("resnet20", in_chans=1)
+    path = tmp_path / "b4.onnx"
+    # Another tool's export, fixed to batch 4 (ours fixes batch 1); its warnings silenced.
+    with torch.no_grad(), deploy._quiet_exporter():
+        torch.onnx.export(model, (torch.randn(4, 1, 8, 8),), str(path), dynamo=False)
+    runner = deploy.OnnxRuntimeModel(path)
+    assert runner.batch_size == 4
+    g = torch.Generator().manual_seed(6)
+    for batch in (1, 3, 4, 5, 9):  # short, exact, and over with a short last piece
+        x = torch.randn(batch, 1, 8, 8, generator=g)
+        with torch.no_grad():
+            out = runner(x)
+            assert out.shape == (batch, 10)
+            assert relative_difference(out, model(x)) <= 1e-4
+    with pytest.raises(ConfigError, match="takes N×C×H×W batches, got a tensor of 1×8×8"):
+        runner(torch.randn(1, 8, 8))
+
+
+@needs_onnx
+def test_an_export_that_fails_halfway_leaves_no_file(tmp_path, monkeypatch):
+    model = _model("resnet20", in_chans=1)
+    path = tmp_path / "m.onnx"
+
+    def export_then_fail(module, args, f, **kwargs):
+        Path(f).write_bytes(b"half a model")
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(torch.onnx, "export", export_then_fail)
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        deploy.export_onnx(model, path, (1, 8, 8))
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary one
 
 
 @needs_onnx

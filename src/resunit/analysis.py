@@ -364,7 +364,6 @@ def _module_summary(module: nn.Module) -> str:
 # --- residual ratios ----------------------------------------------------------------------
 
 
-@torch.no_grad()
 def image_batches(batches: Iterable[Tensor], what: str) -> Iterator[Tensor]:
     """``batches`` one by one, each checked to be an N×C×H×W tensor.
 

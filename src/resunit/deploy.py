@@ -726,6 +726,9 @@ class OnnxRuntimeModel(nn.Module):
         self.batch_size: int | None = batch if isinstance(batch, int) else None
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            shape = "×".join(map(str, x.shape))
+            raise ConfigError(f"{self.path} takes N×C×H×W batches, got a tensor of {shape}")
         x = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
         size = self.batch_size
         if size is None or len(x) == size:
