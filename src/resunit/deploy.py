@@ -420,9 +420,10 @@ def pad_shortcuts_as_convolutions(model: nn.Module) -> nn.Module:
 
     For graph compilers: in a oneDNN Graph trace the slice and the pad are two framework calls
     outside any fused partition, whereas the convolution joins one (with the residual addition
-    after it). ResNet-20 at batch 1 ran 6% faster so (1159 → 1228 img/s, 2 threads, 15
-    interleaved rounds); at batch 32 it made no difference. The convolution costs (in × out)
-    multiply-adds per output pixel, little next to the 3×3 branch beside it.
+    after it). ResNet-20 at batch 1 ran 6-10% faster so (2 threads, interleaved, in
+    ``benchmarks/onednn_graph_choices.py``); at batch 32 it made no difference. The
+    convolution costs (in × out) multiply-adds per output pixel, little next to the 3×3
+    branch beside it.
     """
 
     def convolution(pad: nn.Module, parent: nn.Module) -> nn.Module:
