@@ -134,8 +134,9 @@ def test_numpy_scalars_and_paths_are_options_like_python_ones(tmp_path):
         2, True, [0.5], str(tmp_path / "run"),
     )  # fmt: skip
     assert type(config.epochs) is int and type(config.lr) is float
-    direct = TrainConfig(epochs=np.int64(3), milestones=[np.float64(0.5)])
-    assert json.loads(json.dumps(direct.to_dict()))["epochs"] == 3  # config.json is writable
+    direct = TrainConfig(epochs=np.int64(3), milestones=[np.float64(0.5)], out=tmp_path / "d")
+    saved = json.loads(json.dumps(direct.to_dict()))  # config.json is writable
+    assert (saved["epochs"], saved["out"]) == (3, str(tmp_path / "d"))
 
 
 # --- distributed sharding -----------------------------------------------------------------

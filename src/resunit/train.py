@@ -88,6 +88,8 @@ class TrainConfig:
 def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, os.PathLike):  # out=Path("runs/x") is as good as a string
+        return os.fspath(value)
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
@@ -142,9 +144,6 @@ def make_config(recipe: str | None = None, **options: Any) -> TrainConfig:
     ``None`` values in ``options`` mean "not given" so a CLI can pass all its arguments.
     """
     options = {k: _plain(v) for k, v in options.items() if v is not None}
-    for key in ("out", "data_root"):  # a pathlib.Path is as good as a string here
-        if isinstance(options.get(key), os.PathLike):
-            options[key] = os.fspath(options[key])
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -230,7 +229,7 @@ def _has_type(value: Any, expected: Any) -> bool:
     if expected is float:
         return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if expected is str:
-        return isinstance(value, str)
+        return isinstance(value, (str, os.PathLike))
     origin = typing.get_origin(expected)
     if origin is list:
         (item,) = typing.get_args(expected)
