@@ -111,6 +111,22 @@ def parse_input_shape(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def check_input_channels(model: nn.Module, input_shape: Sequence[int]) -> None:
+    """A clear error when ``input_shape`` is not C×H×W or has another channel count than the
+    model's first convolution takes. The message names the argument for API callers and the
+    flag for CLI users."""
+    shape = "×".join(map(str, input_shape))
+    if len(input_shape) != 3:
+        raise ConfigError(f"an input shape is C×H×W (3 numbers, without the batch), got {shape}")
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is not None and input_shape[0] != first_conv.in_channels:
+        channels = first_conv.in_channels
+        raise ConfigError(
+            f"the model has {channels} input channels (it takes {channels}-channel images) but "
+            f"the input shape {shape} (input_shape, --input) has {input_shape[0]}"
+        )
+
+
 def input_shape_of(model: ResNet) -> tuple[int, int, int]:
     """The input ``model`` was designed for: 224×224 for ImageNet stems, 32×32 for CIFAR.
 
@@ -139,11 +155,7 @@ def inspect_model(model: ResNet, input_shape: Sequence[int] | None = None) -> di
     any dtype or device. The model runs in eval mode; its modes are restored afterwards.
     """
     shape = tuple(input_shape) if input_shape else input_shape_of(model)
-    if shape[0] != model.in_chans:
-        raise ConfigError(
-            f"the model takes {model.in_chans} input channels but the input shape "
-            f"{'×'.join(map(str, shape))} (input_shape, --input) has {shape[0]}"
-        )
+    check_input_channels(model, shape)
     with _modes_restored(model):
         model.eval()
         return _inspect_model(model, shape)
@@ -733,6 +745,7 @@ __all__ = [
     "ShortcutOnly",
     "analyze_checkpoint",
     "can_lesion",
+    "check_input_channels",
     "count_macs",
     "count_multiply_adds",
     "counterparts",

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from resunit.allocator import retain_freed_memory as retain_freed_memory  # also for training
+from resunit.analysis import check_input_channels as check_input_channels  # one shape check
 from resunit.analysis import count_multiply_adds as count_multiply_adds  # one MAC counter
 from resunit.analysis import image_batches
 from resunit.analysis import parse_input_shape as parse_input_shape  # one --input parser
@@ -587,23 +588,6 @@ def onnx_available() -> bool:
     except DeployError:
         return False
     return True
-
-
-def check_input_channels(model: nn.Module, input_shape: Sequence[int]) -> None:
-    """A clear error when ``input_shape`` is not C×H×W or has another channel count than the
-    model takes."""
-    if len(input_shape) != 3:
-        raise ConfigError(
-            f"an input shape is C×H×W (3 numbers, without the batch), got "
-            f"{'×'.join(map(str, input_shape))}"
-        )
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if first_conv is not None and input_shape[0] != first_conv.in_channels:
-        raise ConfigError(
-            f"the model takes {first_conv.in_channels}-channel images but the input shape "
-            f"{'×'.join(map(str, input_shape))} (input_shape, --input) has {input_shape[0]} "
-            "channels"
-        )
 
 
 def _require_weights(model: nn.Module) -> None:
