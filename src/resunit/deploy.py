@@ -395,7 +395,9 @@ def optimize(
     if channels_last:
         folded = folded.to(memory_format=torch.channels_last)
     if compiler == "onednn_graph":
-        return OneDnnGraphModel(pad_shortcuts_as_convolutions(folded), channels_last).eval()
+        # folded is already optimize's own copy: no second one.
+        folded = _pad_shortcuts_as_convolutions_in_place(folded)
+        return OneDnnGraphModel(folded, channels_last).eval()
     if compiler == "inductor":
         # dynamic=False: one specialised graph per batch size, as a deployment uses.
         folded = torch.compile(folded, dynamic=False)
@@ -427,11 +429,15 @@ def pad_shortcuts_as_convolutions(model: nn.Module) -> nn.Module:
     branch beside it.
     """
 
+    return _pad_shortcuts_as_convolutions_in_place(copy.deepcopy(model))
+
+
+def _pad_shortcuts_as_convolutions_in_place(model: nn.Module) -> nn.Module:
     def convolution(pad: nn.Module, parent: nn.Module) -> nn.Module:
         # The unit around the shortcut says where it computes (a model may mix dtypes).
         return _pad_as_convolution(pad, *dtype_and_device(parent))
 
-    return _replace_modules(copy.deepcopy(model), PadShortcut, convolution)
+    return _replace_modules(model, PadShortcut, convolution)
 
 
 def _pad_as_convolution(pad: PadShortcut, dtype: torch.dtype, device: torch.device) -> nn.Conv2d:
