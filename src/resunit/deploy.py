@@ -726,9 +726,10 @@ class OnnxRuntimeModel(nn.Module):
             return self.run(x)
         outputs = []
         for piece in x.split(size):
-            missing = size - len(piece)  # the last piece is zero-padded; images are independent
-            padded = torch.cat([piece, piece.new_zeros(missing, *piece.shape[1:])])
-            outputs.append(self.run(padded)[: len(piece)])
+            count = len(piece)
+            if count < size:  # only the last piece: zero-padded, as images are independent
+                piece = torch.cat([piece, piece.new_zeros(size - count, *piece.shape[1:])])
+            outputs.append(self.run(piece)[:count])
         return torch.cat(outputs)
 
     def run(self, x: Tensor) -> Tensor:
