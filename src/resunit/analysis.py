@@ -111,11 +111,16 @@ def parse_input_shape(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def shape_text(shape: Sequence[int]) -> str:
+    """``(3, 224, 224)`` → ``"3×224×224"``, as messages and tables show shapes."""
+    return "×".join(map(str, shape))
+
+
 def check_input_channels(model: nn.Module, input_shape: Sequence[int]) -> None:
     """A clear error when ``input_shape`` is not C×H×W or has another channel count than the
     model's first convolution takes. The message names the argument for API callers and the
     flag for CLI users."""
-    shape = "×".join(map(str, input_shape))
+    shape = shape_text(input_shape)
     if len(input_shape) != 3:
         raise ConfigError(f"an input shape is C×H×W (3 numbers, without the batch), got {shape}")
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
@@ -388,7 +393,7 @@ def image_batches(batches: Iterable[Tensor], what: str) -> Iterator[Tensor]:
         )
     for batch in batches:
         if not isinstance(batch, Tensor) or batch.dim() != 4:
-            got = "×".join(map(str, batch.shape)) if isinstance(batch, Tensor) else repr(batch)
+            got = shape_text(batch.shape) if isinstance(batch, Tensor) else repr(batch)
             raise ConfigError(f"{what}: each batch must be an N×C×H×W tensor, got {got[:80]}")
         yield batch
 
@@ -761,5 +766,6 @@ __all__ = [
     "mean_ratio_per_stage",
     "parse_input_shape",
     "residual_ratios",
+    "shape_text",
     "worst_lesion",
 ]

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from resunit.allocator import retain_freed_memory as retain_freed_memory  # also for training
 from resunit.analysis import check_input_channels as check_input_channels  # one shape check
 from resunit.analysis import count_multiply_adds as count_multiply_adds  # one MAC counter
-from resunit.analysis import image_batches
+from resunit.analysis import image_batches, shape_text
 from resunit.analysis import parse_input_shape as parse_input_shape  # one --input parser
 from resunit.blocks import (
     BasicBlock,
@@ -718,7 +718,7 @@ class OnnxRuntimeModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
-            shape = "×".join(map(str, x.shape))
+            shape = shape_text(x.shape)
             raise ConfigError(f"{self.path} takes N×C×H×W batches, got a tensor of {shape}")
         x = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
         size = self.batch_size
@@ -737,7 +737,7 @@ class OnnxRuntimeModel(nn.Module):
         try:
             (out,) = self.session.run(None, {self.input_name: x.numpy()})
         except Exception as exc:  # onnxruntime raises its own exception types
-            shape = "×".join(map(str, x.shape[1:]))
+            shape = shape_text(x.shape[1:])
             raise DeployError(
                 f"ONNX Runtime cannot run {self.path} on a batch of {len(x)} ({shape} images): "
                 f"{_first_line(exc)}"

@@ -176,7 +176,7 @@ def _inspection(config: dict[str, Any], source: Path) -> str:
     built on the meta device."""
     import torch
 
-    from resunit.analysis import inspect_model
+    from resunit.analysis import inspect_model, shape_text
     from resunit.models import create_model
 
     with _fields_of(source), torch.device("meta"):
@@ -191,7 +191,7 @@ def _inspection(config: dict[str, Any], source: Path) -> str:
     rows = [
         (
             r["name"],
-            "×".join(map(str, r["input_shape"])) + " → " + "×".join(map(str, r["output_shape"])),
+            f"{shape_text(r['input_shape'])} → {shape_text(r['output_shape'])}",
             r["shortcut_reason"],
             r["residual_params"],
             r["residual_macs"],

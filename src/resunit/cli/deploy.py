@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from resunit.analysis import shape_text
 from resunit.atomic import atomic_path
 from resunit.cli.common import add_json_flag, format_table, print_json
 from resunit.errors import ConfigError
@@ -110,7 +111,7 @@ def run_export(args: argparse.Namespace) -> int:
     )
     out = _output_path(args.onnx)
     if args.int8 and input_shape[1] != input_shape[2]:
-        raise ConfigError(f"--int8 needs a square --input (H = W), got {_shape_text(input_shape)}")
+        raise ConfigError(f"--int8 needs a square --input (H = W), got {shape_text(input_shape)}")
     result: dict[str, Any] = {
         "checkpoint": str(args.checkpoint),
         "model": config.get("model"),
@@ -135,7 +136,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
         return 0
-    print(f"wrote {out} ({result['format']}, input {_shape_text(input_shape)})")
+    print(f"wrote {out} ({result['format']}, input {shape_text(input_shape)})")
     checked = " the float32 graph (before quantization)" if args.int8 else ""
     batches = ", ".join(map(str, result["verified_batches"]))
     print(
@@ -232,10 +233,6 @@ def _checkpoint_input_shape(config: dict[str, Any]) -> tuple[int, int, int]:
     return int(config.get("in_chans") or 3), int(size), int(size)
 
 
-def _shape_text(shape: tuple[int, ...]) -> str:
-    return "×".join(str(s) for s in shape)
-
-
 # --- bench -----------------------------------------------------------------------------------
 
 
@@ -319,7 +316,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print_json(result)
         return 0
     print(
-        f"{args.model}, input {_shape_text(input_shape)}, {result['threads']} threads, "
+        f"{args.model}, input {shape_text(input_shape)}, {result['threads']} threads, "
         f"median of {args.repeats} interleaved runs"
     )
     table = [

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from resunit.analysis import shape_text
 from resunit.blocks import SHORTCUT_KINDS
 from resunit.cli.common import add_json_flag, format_table, print_json
 from resunit.data import DATASETS
@@ -34,10 +35,6 @@ def _count(n: int, sep: str = "") -> str:
             decimals = 3 if limit >= 1e9 else 2
             return f"{n / limit:.{decimals}f}{sep}{suffix}"
     return str(n)
-
-
-def _shape(shape: list[int]) -> str:
-    return "×".join(map(str, shape))
 
 
 # --- inspect --------------------------------------------------------------------------------
@@ -162,7 +159,7 @@ def _print_model(result: dict[str, Any]) -> None:
         rows.append(
             (
                 r["name"],
-                f"{_shape(r['input_shape'])} → {_shape(r['output_shape'])}",
+                f"{shape_text(r['input_shape'])} → {shape_text(r['output_shape'])}",
                 r["shortcut_reason"] or "-",
                 _count(r["residual_params"]),
                 _count(r["residual_macs"]),
@@ -171,7 +168,7 @@ def _print_model(result: dict[str, Any]) -> None:
             )
         )
     headers = ["unit", "shape", "shortcut (why)", "F params", "F MACs", "sc params", "sc MACs"]
-    print(f"{result['model']} on {_shape(result['input'])} input")
+    print(f"{result['model']} on {shape_text(result['input'])} input")
     print(format_table(headers, rows, align="lllrrrr"))
     print(
         f"total: {result['total_parameters']:,} parameters, {result['total_macs']:,} MACs "
@@ -180,16 +177,14 @@ def _print_model(result: dict[str, Any]) -> None:
 
 
 def _print_unit(result: dict[str, Any]) -> None:
-    print(
-        f"{result['block']}: {_shape(result['input_shape'])} → {_shape(result['output_shape'])}; "
-        f"shortcut {result['shortcut_reason']}"
-    )
+    shapes = f"{shape_text(result['input_shape'])} → {shape_text(result['output_shape'])}"
+    print(f"{result['block']}: {shapes}; shortcut {result['shortcut_reason']}")
     rows = [
         (
             s["branch"],
             s["layer"],
             s["module"],
-            f"{_shape(s['input_shape'])} → {_shape(s['output_shape'])}",
+            f"{shape_text(s['input_shape'])} → {shape_text(s['output_shape'])}",
             f"{s['params']:,}",
             f"{s['macs']:,}",
         )
