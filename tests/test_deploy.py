@@ -550,8 +550,9 @@ def test_onednn_graph_matches_the_original(name, channels_last):
         expected = model(x)
         assert relative_difference(fast(x), expected) <= 1e-5  # first call: already fused
         assert relative_difference(fast(x), expected) <= 1e-5
-        # Another batch size takes the same traced graph.
+        # Another batch size gets a graph of its own.
         assert relative_difference(fast(x[:1]), model(x[:1])) <= 1e-5
+    assert len(fast.graphs) == 2
 
 
 @needs_onednn_graph
@@ -577,6 +578,35 @@ def test_onednn_graph_fuses_the_convolutions():
     graph = str(torch.jit.last_executed_optimized_graph())
     assert graph.count("prim::oneDNNFusionGroup") >= 10
     assert not torch._C._jit_llga_enabled()  # the process-wide switch is restored
+
+
+@needs_onednn_graph
+def test_onednn_graph_switches_fusion_on_only_to_trace_a_new_shape(monkeypatch):
+    model = _model("resnet20")
+    fast = optimize(model, channels_last=True, compile="onednn_graph")
+    holds = []
+    hold = deploy._ONEDNN_FUSION.hold
+    monkeypatch.setattr(deploy._ONEDNN_FUSION, "hold", lambda v: holds.append(v) or hold(v))
+    x = _input("resnet20")
+    fast(x)
+    assert holds == [True]
+    fast(x)  # warm: runs its fused plan without touching the process-wide switch
+    assert holds == [True]
+    assert str(torch.jit.last_executed_optimized_graph()).count("prim::oneDNNFusionGroup") >= 10
+    with torch.no_grad():
+        assert relative_difference(fast(x), model(x)) <= 1e-5
+
+
+@needs_onednn_graph
+def test_onednn_graph_keeps_a_bounded_number_of_shapes(monkeypatch):
+    monkeypatch.setattr(deploy, "MAX_ONEDNN_GRAPHS", 2)
+    model = _model("resnet20")
+    fast = optimize(model, channels_last=True, compile="onednn_graph")
+    x = _input("resnet20", batch=3)
+    with torch.no_grad():
+        for size in (1, 2, 3, 1):
+            assert relative_difference(fast(x[:size]), model(x[:size])) <= 1e-5
+    assert [key[0][0] for key in fast.graphs] == [3, 1]  # oldest dropped first
 
 
 def test_unknown_variant_is_a_config_error():

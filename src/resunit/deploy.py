@@ -475,39 +475,55 @@ class OneDnnGraphModel(InferenceModel):
     kernel (profiled at ResNet-20 batch 1: ~53 µs per conv call, of which oneDNN reports
     ~20 µs executing): at batch 1 that overhead is most of a ResNet-20's time.
 
-    The trace happens on the first call (shapes then come from the real input) and is warmed
-    up before that call returns, so the first result already comes from the fused graph.
-    PyTorch has deprecated TorchScript; :func:`onednn_graph_works` says whether this still
-    works in the installed version.
+    Each input shape (with its strides, dtype and device) gets its own trace, made on the first
+    call with that shape and warmed up before that call returns, so the first result already
+    comes from the fused graph. At most :data:`MAX_ONEDNN_GRAPHS` are kept (each extra one took
+    ~55 MB more memory for a ResNet-50); a new shape beyond that drops the
+    oldest. PyTorch has deprecated TorchScript; :func:`onednn_graph_works` says whether this
+    still works in the installed version.
 
-    Threads: calling it from several threads at once is safe, the first call included: one
-    thread traces and warms up while the others wait, and the graph is published only when
-    warm. oneDNN fusion is a process-wide TorchScript switch, on while any call of ours runs
-    and off after the last one; other TorchScript code running meanwhile sees it on.
+    oneDNN fusion is a process-wide TorchScript switch. It is on only while a shape is traced
+    and warmed up: a warm graph keeps its fused plan with the switch off, and flipping the
+    switch around every call cost ~100 µs, 10% of a ResNet-20 batch-1 forward (measured side
+    by side). Other TorchScript code compiling meanwhile sees it on.
+
+    Threads: calling it from several threads at once is safe, first calls included: one
+    thread traces and warms up a shape while the others wait, and a graph is published only
+    when warm.
     """
 
     def __init__(self, model: nn.Module, channels_last: bool) -> None:
         super().__init__(model, channels_last)
-        self.scripted: torch.jit.ScriptModule | None = None
+        # (shape, strides, dtype, device) → warm traced graph, oldest first.
+        self.graphs: dict[tuple[Any, ...], torch.jit.ScriptModule] = {}
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), _onednn_fusion():
-            scripted = self.scripted
-            if scripted is None:
-                scripted = self._trace(x)
-            return scripted(x)
+        key = (x.shape, x.stride(), x.dtype, x.device)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self._trace(x, key)
+        with torch.no_grad():
+            return graph(x)
 
-    def _trace(self, x: Tensor) -> torch.jit.ScriptModule:
+    def _trace(self, x: Tensor, key: tuple[Any, ...]) -> torch.jit.ScriptModule:
         with _FIRST_CALL_LOCK:
-            if self.scripted is None:  # another thread may have traced it while we waited
-                scripted = _trace_and_freeze(self.model, x)
-                # The profiling executor fuses after its profiled runs: do them now.
-                for _ in range(torch._C._jit_get_num_profiled_runs() + 1):
-                    scripted(x)
-                self.scripted = scripted
-            return self.scripted
+            graph = self.graphs.get(key)  # another thread may have traced it while we waited
+            if graph is None:
+                with torch.no_grad(), _onednn_fusion():
+                    graph = _trace_and_freeze(self.model, x)
+                    # The profiling executor fuses after its profiled runs: do them now.
+                    for _ in range(torch._C._jit_get_num_profiled_runs() + 1):
+                        graph(x)
+                while len(self.graphs) >= MAX_ONEDNN_GRAPHS:
+                    del self.graphs[next(iter(self.graphs))]
+                self.graphs[key] = graph
+            return graph
+
+
+MAX_ONEDNN_GRAPHS = 8
+"""How many input shapes one :class:`OneDnnGraphModel` keeps a traced graph for."""
 
 
 def _apply_onednn_fusion(enabled: bool) -> Callable[[], None]:
