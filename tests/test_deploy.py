@@ -609,6 +609,44 @@ def test_onednn_graph_keeps_a_bounded_number_of_shapes(monkeypatch):
     assert [key[0][0] for key in fast.graphs] == [3, 1]  # oldest dropped first
 
 
+@pytest.mark.parametrize("name", ["resnet20", "preact_resnet110", "wrn_16_4"])
+def test_head_as_convolution_is_the_pool_and_classifier(name):
+    model = _model(name).double()
+    x = torch.randn(2, 3, 20, 24, dtype=torch.float64)  # a 5×6 last map (3×3 for the WRN)
+    rewritten = deploy._head_as_convolution(model, x)
+    assert isinstance(rewritten, deploy._HeadAsConvolution)
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+class _OwnHead(ResNet):
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return super().forward_head(x, pre_logits) * 2
+
+
+def test_head_stays_a_pool_where_a_convolution_would_not_be_the_same_or_not_pay(monkeypatch):
+    x = _input("resnet20")
+    headless = create_model("resnet20", num_classes=0).eval()
+    assert deploy._head_as_convolution(headless, x) is headless
+    own_head = _OwnHead(**get_model_spec("resnet20").kwargs).eval()
+    assert deploy._head_as_convolution(own_head, x) is own_head
+    model = _model("resnet20")  # 64 × 10 classifier, 8×8 map: 40,960 multiply-adds
+    monkeypatch.setattr(deploy, "_MAX_HEAD_CONVOLUTION_MACS", 40_959)
+    assert deploy._head_as_convolution(model, x) is model
+    monkeypatch.setattr(deploy, "_MAX_HEAD_CONVOLUTION_MACS", 40_960)
+    assert isinstance(deploy._head_as_convolution(model, x), deploy._HeadAsConvolution)
+
+
+@needs_onednn_graph
+def test_onednn_graph_runs_the_pool_inside_a_fused_partition():
+    fast = optimize(_model("resnet20"), channels_last=True, compile="onednn_graph")
+    fast(_input("resnet20"))
+    graph = torch.jit.last_executed_optimized_graph()
+    outside_partitions = {node.kind() for node in graph.nodes()}
+    assert "prim::oneDNNFusionGuard" in outside_partitions
+    assert not outside_partitions & {"aten::adaptive_avg_pool2d", "aten::mean", "aten::linear"}
+
+
 def test_unknown_variant_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown variant"):
         deploy.build_variants(create_model("resnet20"), (3, 8, 8), ["eager", "turbo"])
