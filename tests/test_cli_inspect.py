@@ -162,7 +162,7 @@ def test_analyze_user_errors(checkpoint, tmp_path, capsys):
     assert main(["analyze", "--checkpoint", str(checkpoint), "--data", "synthetic"]) == 2
     one_error_line(capsys, "")
     assert main(["analyze", "--checkpoint", str(checkpoint), "--limit", "0"]) == 2
-    one_error_line(capsys, "--limit must be ≥ 1")
+    one_error_line(capsys, "limit (--limit) must be an integer ≥ 1")
 
 
 # --- experiment and report ------------------------------------------------------------------
@@ -209,7 +209,7 @@ def test_analyze_refuses_a_batch_size_below_one(checkpoint, tmp_path, size, caps
     out = tmp_path / "analysis"
     argv = ["analyze", "--checkpoint", str(checkpoint), "--batch-size", size, "--out", str(out)]
     assert main(argv) == 2
-    one_error_line(capsys, f"--batch-size must be ≥ 1, got {size}")
+    one_error_line(capsys, f"batch_size (--batch-size) must be an integer ≥ 1, got {size}")
     assert not out.exists()
 
 

@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from resunit.blocks import (
     ResidualUnit,
     _did_you_mean,
+    _require_int,
     describe_shortcut,
     normalize_shortcut_kind,
 )
@@ -671,10 +672,10 @@ def analyze_checkpoint(
     from resunit.checkpoint import load_model
     from resunit.train import load_run_data, prepare_batch
 
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be ≥ 1, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--limit must be ≥ 1, got {limit}")
+    # Named for both audiences: the Python argument and the CLI flag that sets it.
+    batch_size = _require_int("batch_size (--batch-size)", batch_size, 1)
+    if limit is not None:
+        limit = _require_int("limit (--limit)", limit, 1)
     model, config = load_model(path)
     data = data or config.get("data") or config.get("dataset")
     # As the run saw its data: same options, classes and channels checked, its normalisation.

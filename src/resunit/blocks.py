@@ -504,3 +504,25 @@ def unit_output_shape(unit: ResidualUnit, height: int, width: int) -> tuple[int,
     """(channels, height, width) that ``unit`` produces from a ``height``×``width`` input."""
     s = unit.stride
     return unit.out_channels, -(-height // s), -(-width // s)
+
+
+__all__ = [
+    "BLOCKS",
+    "SHORTCUT_KINDS",
+    "BasicBlock",
+    "Bottleneck",
+    "DropPath",
+    "PadShortcut",
+    "PreActBasicBlock",
+    "PreActBottleneck",
+    "PreActUnit",
+    "ResidualUnit",
+    "conv1x1",
+    "conv3x3",
+    "describe_shortcut",
+    "drop_path",
+    "make_shortcut",
+    "normalize_shortcut_kind",
+    "resolve_shortcut",
+    "unit_output_shape",
+]

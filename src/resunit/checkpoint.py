@@ -281,3 +281,13 @@ def load_model(path: str | os.PathLike[str]) -> tuple[ResNet, dict[str, Any]]:
             f"({', '.join(report.skipped_head)}: {report.head_reason})"
         )
     return model.eval(), config
+
+
+__all__ = [
+    "LoadReport",
+    "extract_state_dict",
+    "load_model",
+    "load_weights",
+    "read_checkpoint",
+    "save_checkpoint",
+]

@@ -538,3 +538,20 @@ def model_parameter_count(name: str, **overrides: Any) -> int:
     """Parameter count of a registered model, built on the meta device (no memory, instant)."""
     with torch.device("meta"):
         return count_parameters(create_model(name, **overrides))
+
+
+__all__ = [
+    "CIFAR_WIDTHS",
+    "IMAGENET_WIDTHS",
+    "MAX_SCRIPTABLE_STAGES",
+    "ModelSpec",
+    "ResNet",
+    "count_parameters",
+    "create_model",
+    "default_input_shape",
+    "dtype_and_device",
+    "get_model_spec",
+    "list_models",
+    "model_parameter_count",
+    "resolve_block",
+]
