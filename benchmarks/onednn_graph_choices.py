@@ -1,18 +1,24 @@
-"""Two choices inside ``optimize(compile="onednn_graph")``, each against its alternative.
+"""The choices inside ``optimize(compile="onednn_graph")``, each measured against the
+variant without it.
 
-1. Layout: the traced graph on NHWC (channels_last) weights and input, or on NCHW.
-2. Option-A shortcuts (ResNet-20 and other CIFAR nets): as the exact 1×1 identity convolution
-   that ``pad_shortcuts_as_convolutions`` makes (fused into a oneDNN Graph partition), or as
-   the model's own strided slice + zero pad (two framework calls outside the partitions).
+Each variant adds one choice to the one before; the last is what ``optimize`` builds:
 
-Variants, all BN-folded and traced with oneDNN Graph fusion, run interleaved in one process
-(``resunit.deploy.measure_interleaved``: blocks of ~50 ms, the first call of each block
-untimed), median of ``--repeats`` rounds, on the same random NCHW input (the channels_last
-variants convert it on each call, as a caller's NCHW batch would be):
+1. ``nchw``: NCHW weights and input; option-A shortcuts as the model's strided slice + zero
+   pad; the pool + classifier head as the model has it; the process-wide oneDNN fusion switch
+   held on around every call. (``optimize`` as of 2026-11-28.)
+2. ``+channels_last``: NHWC weights and input.
+3. ``+shortcut_conv``: option-A shortcuts (ResNet-20 and other CIFAR nets) as the exact 1×1
+   identity convolutions of ``pad_shortcuts_as_convolutions``, fused into oneDNN Graph
+   partitions instead of two framework calls outside them.
+4. ``+switch_once``: the fusion switch on only while a shape is traced and warmed up; a warm
+   graph keeps its fused plan without it, and calls skip the thread-safe hold on it.
+5. ``+head_conv``: the global pool + classifier traced as one whole-map convolution (a fused
+   partition) where that is cheap (``_HeadAsConvolution``; not for ResNet-50, whose
+   2048 × 1000 × 7 × 7 head convolution would cost more than it saves).
 
-- ``nchw_slice``: NCHW, shortcuts as slice + pad (the variant before 2026-11-29);
-- ``cl_slice``: channels_last, shortcuts as slice + pad;
-- ``cl_conv``: channels_last, shortcuts as convolutions — what ``optimize`` now builds.
+All run interleaved in one process (``resunit.deploy.measure_interleaved``: blocks of ~50 ms,
+the first call of each block untimed), median of ``--repeats`` rounds, on the same random NCHW
+input (channels_last variants convert it on each call, as a caller's NCHW batch would be).
 
     python benchmarks/onednn_graph_choices.py [--models resnet20,resnet50] [--batches 1,32]
 """
@@ -31,23 +37,42 @@ from resunit import create_model
 from resunit.analysis import input_shape_of
 from resunit.deploy import (
     OneDnnGraphModel,
+    _onednn_fusion,  # the per-call hold that +switch_once removed
     fold_batchnorm,
     measure_interleaved,
     onednn_graph_works,
     optimize,
+    pad_shortcuts_as_convolutions,
     relative_difference,
     retain_freed_memory,
 )
 
 
+class _PoolHead(OneDnnGraphModel):
+    head_as_convolution = False
+
+
+class _SwitchEveryCall(_PoolHead):
+    # As optimize did until 2026-11-29: the thread-safe hold on the process-wide switch
+    # around every call.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _onednn_fusion():
+            return super().forward(x)
+
+
 def variants(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    folded = fold_batchnorm(model)
+    def folded(channels_last: bool, shortcut_conv: bool) -> torch.nn.Module:
+        fast = fold_batchnorm(model)
+        if channels_last:
+            fast = fast.to(memory_format=torch.channels_last)
+        return pad_shortcuts_as_convolutions(fast) if shortcut_conv else fast
+
     return {
-        "nchw_slice": OneDnnGraphModel(folded, channels_last=False).eval(),
-        "cl_slice": OneDnnGraphModel(
-            fold_batchnorm(model).to(memory_format=torch.channels_last), channels_last=True
-        ).eval(),
-        "cl_conv": optimize(model, channels_last=True, compile="onednn_graph"),
+        "nchw": _SwitchEveryCall(folded(False, False), channels_last=False).eval(),
+        "+channels_last": _SwitchEveryCall(folded(True, False), channels_last=True).eval(),
+        "+shortcut_conv": _SwitchEveryCall(folded(True, True), channels_last=True).eval(),
+        "+switch_once": _PoolHead(folded(True, True), channels_last=True).eval(),
+        "+head_conv": optimize(model, channels_last=True, compile="onednn_graph"),
     }
 
 
@@ -66,7 +91,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     retain_freed_memory()  # as resunit bench and a server do
     rows = []
-    print(f"{'model':<10} {'batch':>5} {'variant':<11} {'img/s':>8} {'× nchw_slice':>12}")
+    print(f"{'model':<9} {'batch':>5} {'variant':<15} {'img/s':>8} {'× nchw':>7} {'× previous':>9}")
     for name in args.models.split(","):
         torch.manual_seed(0)
         model = create_model(name).eval()
@@ -82,17 +107,19 @@ def main() -> int:
             # Blocks of ~50 ms per variant and round, as benchmarks/inference.py times them.
             block = {k: max(2, min(21, round(0.05 / t.median_seconds))) for k, t in probe.items()}
             timings = measure_interleaved(runners, batch, repeats=args.repeats, block=block)
-            base = timings["nchw_slice"].images_per_second
+            base = previous = timings["nchw"].images_per_second
             for key, timing in timings.items():
                 rate = timing.images_per_second
-                print(f"{name:<10} {batch:>5} {key:<11} {rate:8.1f} {rate / base:12.2f}")
+                step, previous = rate / previous, rate
+                print(f"{name:<9} {batch:>5} {key:<15} {rate:8.1f} {rate / base:7.2f} {step:9.2f}")
                 rows.append(
                     dict(
                         model=name,
                         batch=batch,
                         variant=key,
                         images_per_second=rate,
-                        over_nchw_slice=rate / base,
+                        over_nchw=rate / base,
+                        over_previous=step,
                         max_relative_difference=differences[key],
                         seconds=timing.seconds,
                     )

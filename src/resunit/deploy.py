@@ -484,14 +484,19 @@ class OneDnnGraphModel(InferenceModel):
     whether this still works in the installed version.
 
     oneDNN fusion is a process-wide TorchScript switch. It is on only while a shape is traced
-    and warmed up: a warm graph keeps its fused plan with the switch off, and flipping the
-    switch around every call cost ~100 µs, 10% of a ResNet-20 batch-1 forward (measured side
-    by side). Other TorchScript code compiling meanwhile sees it on.
+    and warmed up: a warm graph keeps its fused plan with the switch off. Holding it on around
+    every call (thread-safely, as this class did before) made ResNet-20 at batch 1 10% slower
+    and at batch 32 4% (``benchmarks/onednn_graph_choices.py``). Other TorchScript code
+    compiling while a shape is traced sees the switch on.
 
     Threads: calling it from several threads at once is safe, first calls included: one
     thread traces and warms up a shape while the others wait, and a graph is published only
     when warm.
     """
+
+    # Whether a ResNet's head is traced as one convolution (off only to measure what it gains,
+    # in benchmarks/onednn_graph_choices.py).
+    head_as_convolution: bool = True
 
     def __init__(self, model: nn.Module, channels_last: bool) -> None:
         super().__init__(model, channels_last)
@@ -513,7 +518,10 @@ class OneDnnGraphModel(InferenceModel):
             graph = self.graphs.get(key)  # another thread may have traced it while we waited
             if graph is None:
                 with torch.no_grad(), _onednn_fusion():
-                    graph = _trace_and_freeze(_head_as_convolution(self.model, x), x)
+                    model = self.model
+                    if self.head_as_convolution:
+                        model = _head_as_convolution(model, x)
+                    graph = _trace_and_freeze(model, x)
                     # The profiling executor fuses after its profiled runs: do them now.
                     for _ in range(torch._C._jit_get_num_profiled_runs() + 1):
                         graph(x)
@@ -534,9 +542,10 @@ class _HeadAsConvolution(nn.Module):
     Averaging over the map and then applying ``fc`` is the same linear map as a convolution
     whose kernel covers the whole map, with weight ``fc.weight / (height × width)`` at every
     position and ``fc``'s bias: equal up to float rounding. For oneDNN Graph that one
-    convolution is one fused partition, where the pool was four framework calls outside any
-    partition (a reorder out of oneDNN's layout, sum, divide, flatten): ResNet-20 at batch 1 ran
-    8% faster so, 2% at batch 32 (side by side). Shares the model's weights; adds the kernel.
+    convolution is one partition, where the pool ran outside any partition as several framework
+    calls (a copy, a sum, a division; profiled) and the classifier as a partition of its own:
+    ResNet-20 ran 7% faster so at batch 1 and 3% at batch 32
+    (``benchmarks/onednn_graph_choices.py``). Shares the model's weights; adds the kernel.
     """
 
     def __init__(self, model: ResNet, height: int, width: int) -> None:
