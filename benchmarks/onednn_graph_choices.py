@@ -5,7 +5,8 @@ Each variant adds one choice to the one before; the last is what ``optimize`` bu
 
 1. ``nchw``: NCHW weights and input; option-A shortcuts as the model's strided slice + zero
    pad; the pool + classifier head as the model has it; the process-wide oneDNN fusion switch
-   held on around every call. (``optimize`` as of 2026-11-28.)
+   held on around every call. (``optimize`` as of 2026-11-28, but with one trace per input
+   shape, as now.)
 2. ``+channels_last``: NHWC weights and input.
 3. ``+shortcut_conv``: option-A shortcuts (ResNet-20 and other CIFAR nets) as the exact 1×1
    identity convolutions of ``pad_shortcuts_as_convolutions``, fused into oneDNN Graph

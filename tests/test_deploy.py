@@ -598,22 +598,35 @@ def test_onednn_graph_switches_fusion_on_only_to_trace_a_new_shape(monkeypatch):
 
 
 @needs_onednn_graph
-def test_onednn_graph_keeps_a_bounded_number_of_shapes(monkeypatch):
+def test_onednn_graph_traces_a_bounded_number_of_shapes_and_runs_later_ones_eagerly(monkeypatch):
     monkeypatch.setattr(deploy, "MAX_ONEDNN_GRAPHS", 2)
     model = _model("resnet20")
     fast = optimize(model, channels_last=True, compile="onednn_graph")
     x = _input("resnet20", batch=3)
-    with torch.no_grad():
-        for size in (1, 2, 3, 1):
+    with torch.no_grad(), pytest.warns(UserWarning, match="traced 2 input shapes") as caught:
+        for size in (1, 2, 3, 1, 3):
             assert relative_difference(fast(x[:size]), model(x[:size])) <= 1e-5
-    assert [key[0][0] for key in fast.graphs] == [3, 1]  # oldest dropped first
+    assert len(caught) == 1  # once, not on every call
+    assert [key[0][0] for key in fast.graphs] == [1, 2]
+
+
+@needs_onednn_graph
+def test_onednn_graph_leaves_a_training_mode_model_s_statistics_alone():
+    model = _model("resnet20").train()
+    before = copy.deepcopy(model.state_dict())
+    fast = deploy.OneDnnGraphModel(model, channels_last=False)
+    fast(_input("resnet20"))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.parametrize("name", ["resnet20", "preact_resnet110", "wrn_16_4"])
 def test_head_as_convolution_is_the_pool_and_classifier(name):
     model = _model(name).double()
     x = torch.randn(2, 3, 20, 24, dtype=torch.float64)  # a 5×6 last map (3×3 for the WRN)
-    rewritten = deploy._head_as_convolution(model, x)
+    state = torch.get_rng_state()
+    rewritten = deploy._head_as_convolution(model, x, channels_last=False)
+    assert torch.equal(torch.get_rng_state(), state)  # no random initialisation of the conv
     assert isinstance(rewritten, deploy._HeadAsConvolution)
     with torch.no_grad():
         torch.testing.assert_close(rewritten(x), model(x), rtol=1e-12, atol=1e-12)
@@ -624,17 +637,30 @@ class _OwnHead(ResNet):
         return super().forward_head(x, pre_logits) * 2
 
 
+class _ScaledLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 10
+
+
 def test_head_stays_a_pool_where_a_convolution_would_not_be_the_same_or_not_pay(monkeypatch):
     x = _input("resnet20")
-    headless = create_model("resnet20", num_classes=0).eval()
-    assert deploy._head_as_convolution(headless, x) is headless
-    own_head = _OwnHead(**get_model_spec("resnet20").kwargs).eval()
-    assert deploy._head_as_convolution(own_head, x) is own_head
+
+    def unchanged(model: nn.Module) -> bool:
+        return deploy._head_as_convolution(model, x, channels_last=False) is model
+
+    assert unchanged(create_model("resnet20", num_classes=0).eval())
+    assert unchanged(_OwnHead(**get_model_spec("resnet20").kwargs).eval())
+    scaled = _model("resnet20")
+    scaled.fc = _ScaledLinear(64, 10)
+    assert unchanged(scaled)
+    hooked = _model("resnet20")
+    hooked.fc.register_forward_hook(lambda module, inputs, output: output * 2)
+    assert unchanged(hooked)
     model = _model("resnet20")  # 64 × 10 classifier, 8×8 map: 40,960 multiply-adds
     monkeypatch.setattr(deploy, "_MAX_HEAD_CONVOLUTION_MACS", 40_959)
-    assert deploy._head_as_convolution(model, x) is model
+    assert unchanged(model)
     monkeypatch.setattr(deploy, "_MAX_HEAD_CONVOLUTION_MACS", 40_960)
-    assert isinstance(deploy._head_as_convolution(model, x), deploy._HeadAsConvolution)
+    assert not unchanged(model)
 
 
 @needs_onednn_graph

@@ -35,3 +35,8 @@ def retain_freed_memory() -> bool:
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's <malloc.h>
     # mallopt returns 1 on success. The trim threshold is an int: 1 GiB is the most it takes.
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**30))
+
+
+__all__ = [
+    "retain_freed_memory",
+]

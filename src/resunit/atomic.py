@@ -71,3 +71,8 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+__all__ = [
+    "atomic_path",
+]

@@ -477,17 +477,21 @@ class OneDnnGraphModel(InferenceModel):
 
     Each input shape (with its strides, dtype and device) gets its own trace, made on the first
     call with that shape and warmed up before that call returns, so the first result already
-    comes from the fused graph. Knowing the shape lets a ResNet's pool + classifier head run as
-    one convolution there (:class:`_HeadAsConvolution`). At most :data:`MAX_ONEDNN_GRAPHS` are
-    kept (each extra one took ~55 MB more memory for a ResNet-50); a new shape beyond that
-    drops the oldest. PyTorch has deprecated TorchScript; :func:`onednn_graph_works` says
-    whether this still works in the installed version.
+    comes from the fused graph. Knowing the shape lets a plain ResNet's pool + classifier head
+    run as one convolution there (``_HeadAsConvolution`` in this module). The first
+    :data:`MAX_ONEDNN_GRAPHS` shapes are traced; later ones run the folded model eagerly (with
+    a warning, once): each trace took ~55 MB more memory for a ResNet-50, and a dropped trace's
+    memory did not come back in a test (~13 MB per ResNet-20 trace, after gc and malloc_trim),
+    so a model fed ever-new shapes must stop tracing rather than replace old traces.
+    PyTorch has deprecated TorchScript; :func:`onednn_graph_works` says whether this still works
+    in the installed version.
 
     oneDNN fusion is a process-wide TorchScript switch. It is on only while a shape is traced
     and warmed up: a warm graph keeps its fused plan with the switch off. Holding it on around
-    every call (thread-safely, as this class did before) made ResNet-20 at batch 1 10% slower
-    and at batch 32 4% (``benchmarks/onednn_graph_choices.py``). Other TorchScript code
-    compiling while a shape is traced sees the switch on.
+    every call instead (thread-safely, as this class did before) cost 10% at ResNet-20 batch 1
+    and 4% at batch 32: removing it made those calls that much faster
+    (``benchmarks/onednn_graph_choices.py``). Other TorchScript code compiling while a shape is
+    traced sees the switch on.
 
     Threads: calling it from several threads at once is safe, first calls included: one
     thread traces and warms up a shape while the others wait, and a graph is published only
@@ -500,39 +504,52 @@ class OneDnnGraphModel(InferenceModel):
 
     def __init__(self, model: nn.Module, channels_last: bool) -> None:
         super().__init__(model, channels_last)
-        # (shape, strides, dtype, device) → warm traced graph, oldest first.
+        # (shape, strides, dtype, device) → warm traced graph, in the order first seen.
         self.graphs: dict[tuple[Any, ...], torch.jit.ScriptModule] = {}
+        self._warned_untraced = False
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         key = (x.shape, x.stride(), x.dtype, x.device)
         graph = self.graphs.get(key)
-        if graph is None:
-            graph = self._trace(x, key)
         with torch.no_grad():
+            if graph is None:
+                graph = self._trace(x, key)
             return graph(x)
 
-    def _trace(self, x: Tensor, key: tuple[Any, ...]) -> torch.jit.ScriptModule:
+    def _trace(self, x: Tensor, key: tuple[Any, ...]) -> Callable[[Tensor], Tensor]:
         with _FIRST_CALL_LOCK:
             graph = self.graphs.get(key)  # another thread may have traced it while we waited
-            if graph is None:
-                with torch.no_grad(), _onednn_fusion():
-                    model = self.model
-                    if self.head_as_convolution:
-                        model = _head_as_convolution(model, x)
-                    graph = _trace_and_freeze(model, x)
-                    # The profiling executor fuses after its profiled runs: do them now.
-                    for _ in range(torch._C._jit_get_num_profiled_runs() + 1):
-                        graph(x)
-                while len(self.graphs) >= MAX_ONEDNN_GRAPHS:
-                    del self.graphs[next(iter(self.graphs))]
-                self.graphs[key] = graph
+            if graph is not None:
+                return graph
+            if len(self.graphs) >= MAX_ONEDNN_GRAPHS:
+                self._warn_untraced()
+                return self.model
+            self.model.eval()  # before anything runs it: BatchNorm must not update statistics
+            with _onednn_fusion():
+                model = self.model
+                if self.head_as_convolution:
+                    model = _head_as_convolution(model, x, self.channels_last)
+                graph = _trace_and_freeze(model, x)
+                # The profiling executor fuses after its profiled runs: do them now.
+                for _ in range(torch._C._jit_get_num_profiled_runs() + 1):
+                    graph(x)
+            self.graphs[key] = graph
             return graph
+
+    def _warn_untraced(self) -> None:
+        if not self._warned_untraced:
+            self._warned_untraced = True
+            warnings.warn(
+                f"this oneDNN Graph model has traced {MAX_ONEDNN_GRAPHS} input shapes "
+                "(MAX_ONEDNN_GRAPHS); further shapes run the folded model unfused",
+                stacklevel=4,
+            )
 
 
 MAX_ONEDNN_GRAPHS = 8
-"""How many input shapes one :class:`OneDnnGraphModel` keeps a traced graph for."""
+"""How many input shapes one :class:`OneDnnGraphModel` traces (later ones run eagerly)."""
 
 
 class _HeadAsConvolution(nn.Module):
@@ -548,50 +565,75 @@ class _HeadAsConvolution(nn.Module):
     (``benchmarks/onednn_graph_choices.py``). Shares the model's weights; adds the kernel.
     """
 
-    def __init__(self, model: ResNet, height: int, width: int) -> None:
+    def __init__(self, model: ResNet, height: int, width: int, channels_last: bool) -> None:
         super().__init__()
         self.model = model
         fc = model.fc
         assert isinstance(fc, nn.Linear)
-        conv = nn.Conv2d(fc.in_features, fc.out_features, (height, width))
-        conv = conv.to(device=fc.weight.device, dtype=fc.weight.dtype)
+        # skip_init: no random initialisation (it would advance the global generator); every
+        # value is set below.
+        conv = torch.nn.utils.skip_init(
+            nn.Conv2d,
+            fc.in_features,
+            fc.out_features,
+            (height, width),
+            device=fc.weight.device,
+            dtype=fc.weight.dtype,
+        )
         with torch.no_grad():
             kernel = fc.weight / (height * width)
             conv.weight.copy_(kernel[:, :, None, None].expand(-1, -1, height, width))
             conv.bias.copy_(fc.bias)
-        like = model.conv1.weight  # the layout the model's convolutions were given
-        channels_last = like.is_contiguous(memory_format=torch.channels_last)
         self.conv = conv.to(memory_format=torch.channels_last) if channels_last else conv
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.flatten(self.conv(self.model.forward_features(x)), 1)
 
 
-# The head convolution does (height × width) times the classifier's multiply-adds. Worth it only
-# while that stays below the per-call overhead it saves: 2**20 multiply-adds take ~10 µs here.
+# The head convolution does height × width times the classifier's multiply-adds per image (and
+# holds height × width times its weights). Up to 2**20 that is noise next to the network: 40,960
+# for ResNet-20 (0.1% of its 41 M). ResNet-50's would be 100 M with 400 MB of weights: it keeps
+# its pool.
 _MAX_HEAD_CONVOLUTION_MACS = 2**20
 
 
-def _head_as_convolution(model: nn.Module, x: Tensor) -> nn.Module:
-    """``model`` with its head as a :class:`_HeadAsConvolution` for input ``x``'s shape, or
-    ``model`` itself where that does not apply (another architecture, no classifier, a head or
-    forward of its own, or a head convolution too large to pay off)."""
+def _head_as_convolution(model: nn.Module, x: Tensor, channels_last: bool) -> nn.Module:
+    """``model`` (in eval mode) with its head as a :class:`_HeadAsConvolution` for input
+    ``x``'s shape, or ``model`` itself where that would not compute the same or not pay off:
+    another architecture, no classifier, a head, forward, pool or classifier of its own (a
+    subclass), forward hooks on any of them, or a head convolution too large."""
     plain_resnet = (
         isinstance(model, ResNet)
         and type(model).forward is ResNet.forward
         and type(model).forward_head is ResNet.forward_head
-        and isinstance(model.avgpool, nn.AdaptiveAvgPool2d)
+        and type(model.avgpool) is nn.AdaptiveAvgPool2d
         and model.avgpool.output_size in (1, (1, 1))
-        and isinstance(model.fc, nn.Linear)
+        and type(model.fc) is nn.Linear
         and model.fc.bias is not None
+        and not any(_has_hooks(m) for m in (model, model.avgpool, model.fc))
     )
     if not plain_resnet:
         return model
     with torch.no_grad():
-        height, width = model.forward_features(x).shape[-2:]
+        features = model.forward_features(x)
+    if features.dim() != 4:
+        return model
+    height, width = features.shape[-2:]
     if model.fc.weight.numel() * height * width > _MAX_HEAD_CONVOLUTION_MACS:
         return model
-    return _HeadAsConvolution(model, height, width)
+    return _HeadAsConvolution(model, height, width, channels_last)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    # Hooks a rewritten head would skip: the module's own and the process-wide ones.
+    from torch.nn.modules import module as module_globals
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module_globals._global_forward_hooks
+        or module_globals._global_forward_pre_hooks
+    )
 
 
 def _apply_onednn_fusion(enabled: bool) -> Callable[[], None]:
@@ -604,15 +646,13 @@ _ONEDNN_FUSION = _SharedSetting(_apply_onednn_fusion)
 
 
 def _onednn_fusion() -> contextlib.AbstractContextManager[Any]:
-    # A process-wide switch: on only while our graphs run, so other TorchScript code is
-    # unaffected. (torch.jit.fuser("fuser3") does the same but warns about nvfuser on every
-    # call.)
+    # A process-wide switch: on only while a graph is traced and warmed up, so other
+    # TorchScript code is unaffected the rest of the time. (torch.jit.fuser("fuser3") does the
+    # same but warns about nvfuser on every call.)
     return _ONEDNN_FUSION.hold(True)
 
 
 def _trace_and_freeze(model: nn.Module, example: Tensor) -> torch.jit.ScriptModule:
-    import warnings
-
     with warnings.catch_warnings():
         # "torch.jit.trace is deprecated": known, and checked by onednn_graph_works().
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
@@ -740,8 +780,6 @@ def export_onnx(
 def _quiet_exporter() -> Iterator[None]:
     # The legacy exporter announces its own deprecation on every call; the export is verified
     # numerically, so the warning adds nothing for our users.
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)

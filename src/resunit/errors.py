@@ -30,3 +30,13 @@ class TrainingError(ResunitError):
 
 class DeployError(ResunitError):
     """An export or optimisation cannot be done (missing extra, failed verification)."""
+
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DatasetError",
+    "DeployError",
+    "ResunitError",
+    "TrainingError",
+]

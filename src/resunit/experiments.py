@@ -396,6 +396,7 @@ __all__ = [
     "DegradationConfig",
     "degradation_verdict",
     "read_histories",
+    "recipe_settings",
     "run_degradation",
     "summarize_degradation",
     "train_network",

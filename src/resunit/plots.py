@@ -237,3 +237,13 @@ def plot_degradation(
         ax.legend()
     axes[0].set_ylabel("error (%)")
     return _save(fig, path)
+
+
+__all__ = [
+    "plot_confusion_matrix",
+    "plot_degradation",
+    "plot_gradient_flow",
+    "plot_lesion",
+    "plot_residual_ratios",
+    "plot_training_curves",
+]
