@@ -603,10 +603,14 @@ def test_onednn_graph_traces_a_bounded_number_of_shapes_and_runs_later_ones_eage
     model = _model("resnet20")
     fast = optimize(model, channels_last=True, compile="onednn_graph")
     x = _input("resnet20", batch=3)
-    with torch.no_grad(), pytest.warns(UserWarning, match="traced 2 input shapes") as caught:
+    with pytest.warns(UserWarning, match="traced 2 input shapes") as caught:
         for size in (1, 2, 3, 1, 3):
-            assert relative_difference(fast(x[:size]), model(x[:size])) <= 1e-5
+            out = fast(x[:size])  # outside no_grad: the model runs without autograd anyway
+            assert not out.requires_grad
+            with torch.no_grad():
+                assert relative_difference(out, model(x[:size])) <= 1e-5
     assert len(caught) == 1  # once, not on every call
+    assert caught[0].filename == __file__  # points at the caller's line
     assert [key[0][0] for key in fast.graphs] == [1, 2]
 
 
@@ -628,6 +632,9 @@ def test_head_as_convolution_is_the_pool_and_classifier(name):
     rewritten = deploy._head_as_convolution(model, x, channels_last=False)
     assert torch.equal(torch.get_rng_state(), state)  # no random initialisation of the conv
     assert isinstance(rewritten, deploy._HeadAsConvolution)
+    assert rewritten.conv.weight.is_contiguous()  # the layout asked for, NCHW here…
+    channels_last = deploy._head_as_convolution(model, x, channels_last=True).conv.weight
+    assert channels_last.is_contiguous(memory_format=torch.channels_last)  # …and NHWC here
     with torch.no_grad():
         torch.testing.assert_close(rewritten(x), model(x), rtol=1e-12, atol=1e-12)
 
@@ -635,6 +642,11 @@ def test_head_as_convolution_is_the_pool_and_classifier(name):
 class _OwnHead(ResNet):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return super().forward_head(x, pre_logits) * 2
+
+
+class _HalvedPool(nn.AdaptiveAvgPool2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) / 2
 
 
 class _ScaledLinear(nn.Linear):
@@ -653,9 +665,20 @@ def test_head_stays_a_pool_where_a_convolution_would_not_be_the_same_or_not_pay(
     scaled = _model("resnet20")
     scaled.fc = _ScaledLinear(64, 10)
     assert unchanged(scaled)
-    hooked = _model("resnet20")
-    hooked.fc.register_forward_hook(lambda module, inputs, output: output * 2)
-    assert unchanged(hooked)
+    own_pool = _model("resnet20")
+    own_pool.avgpool = _HalvedPool(1)
+    assert unchanged(own_pool)
+    for where in ("fc", "avgpool", None):  # a hook on the classifier, the pool, the model
+        hooked = _model("resnet20")
+        (getattr(hooked, where) if where else hooked).register_forward_hook(
+            lambda module, inputs, output: output * 2
+        )
+        assert unchanged(hooked)
+    pre_hooked = _model("resnet20")
+    pre_hooked.fc.register_forward_pre_hook(lambda module, inputs: (inputs[0] * 2,))
+    assert unchanged(pre_hooked)
+    with nn.modules.module.register_module_forward_hook(lambda m, i, o: o):
+        assert unchanged(_model("resnet20"))  # process-wide hooks see every module
     model = _model("resnet20")  # 64 × 10 classifier, 8×8 map: 40,960 multiply-adds
     monkeypatch.setattr(deploy, "_MAX_HEAD_CONVOLUTION_MACS", 40_959)
     assert unchanged(model)

@@ -480,9 +480,10 @@ class OneDnnGraphModel(InferenceModel):
     comes from the fused graph. Knowing the shape lets a plain ResNet's pool + classifier head
     run as one convolution there (``_HeadAsConvolution`` in this module). The first
     :data:`MAX_ONEDNN_GRAPHS` shapes are traced; later ones run the folded model eagerly (with
-    a warning, once): each trace took ~55 MB more memory for a ResNet-50, and a dropped trace's
-    memory did not come back in a test (~13 MB per ResNet-20 trace, after gc and malloc_trim),
-    so a model fed ever-new shapes must stop tracing rather than replace old traces.
+    a warning, once, and without waiting for other threads' traces): each trace took ~55 MB
+    more memory for a ResNet-50, and in a test during review a dropped trace's memory did not
+    come back (~13 MB per ResNet-20 trace, after gc and malloc_trim), so a model fed ever-new
+    shapes must stop tracing rather than replace old traces.
     PyTorch has deprecated TorchScript; :func:`onednn_graph_works` says whether this still works
     in the installed version.
 
@@ -514,18 +515,18 @@ class OneDnnGraphModel(InferenceModel):
         key = (x.shape, x.stride(), x.dtype, x.device)
         graph = self.graphs.get(key)
         with torch.no_grad():
+            if graph is None and len(self.graphs) < MAX_ONEDNN_GRAPHS:
+                graph = self._trace(x, key)  # None if other threads took the last places
             if graph is None:
-                graph = self._trace(x, key)
+                self._warn_untraced()
+                return self.model(x)
             return graph(x)
 
-    def _trace(self, x: Tensor, key: tuple[Any, ...]) -> Callable[[Tensor], Tensor]:
+    def _trace(self, x: Tensor, key: tuple[Any, ...]) -> torch.jit.ScriptModule | None:
         with _FIRST_CALL_LOCK:
             graph = self.graphs.get(key)  # another thread may have traced it while we waited
-            if graph is not None:
+            if graph is not None or len(self.graphs) >= MAX_ONEDNN_GRAPHS:
                 return graph
-            if len(self.graphs) >= MAX_ONEDNN_GRAPHS:
-                self._warn_untraced()
-                return self.model
             self.model.eval()  # before anything runs it: BatchNorm must not update statistics
             with _onednn_fusion():
                 model = self.model
@@ -539,12 +540,15 @@ class OneDnnGraphModel(InferenceModel):
             return graph
 
     def _warn_untraced(self) -> None:
+        # Unlocked: two threads may both warn once; untraced calls never wait for a trace.
         if not self._warned_untraced:
             self._warned_untraced = True
             warnings.warn(
                 f"this oneDNN Graph model has traced {MAX_ONEDNN_GRAPHS} input shapes "
                 "(MAX_ONEDNN_GRAPHS); further shapes run the folded model unfused",
-                stacklevel=4,
+                # Points at the caller's line: here ← forward ← Module._call_impl ←
+                # Module._wrapped_call_impl ← the caller.
+                stacklevel=5,
             )
 
 
