@@ -71,7 +71,7 @@ class DegradationConfig:
     def model_names(self) -> list[str]:
         """The networks in training order: shallow to deep, plain before residual."""
         if not self.depths:
-            raise ConfigError("give at least one depth, e.g. --depths 20 56")
+            raise ConfigError("give at least one depth (depths=, or --depths 20 56)")
         available = set(list_models())
         names = []
         for depth in sorted(set(self.depths)):
@@ -158,14 +158,14 @@ def _check_locations(out: Path, names: Sequence[str]) -> None:
         if run_dir.exists() and not run_dir.is_dir():
             raise ConfigError(
                 f"{run_dir} is a file where {name} keeps its checkpoints; remove it or choose "
-                "another --out"
+                "another output directory (out=, or --out)"
             )
         files += [run_dir / "last.pt", run_dir / "history.jsonl"]
     for path in files:
         if path.is_dir():
             raise ConfigError(
                 f"{path} is a directory where the experiment writes a file; remove it or choose "
-                "another --out"
+                "another output directory (out=, or --out)"
             )
 
 
@@ -181,7 +181,7 @@ def _check_same_experiment(out: Path, settings: dict[str, Any]) -> None:
     if not isinstance(previous, dict):
         raise ConfigError(
             f"{path} is damaged (not a JSON object): remove it to resume the experiment there "
-            "with the options given now, or choose another --out"
+            "with the options given now, or choose another output directory (out=, or --out)"
         )
     if previous != json.loads(json.dumps(settings)):
         changed = sorted(
@@ -189,7 +189,8 @@ def _check_same_experiment(out: Path, settings: dict[str, Any]) -> None:
         )
         raise ConfigError(
             f"{out} holds a degradation experiment with other settings ({', '.join(changed)}): "
-            "rerun it with the same options to resume, or choose another --out"
+            "rerun it with the same options to resume, or choose another output directory "
+            "(out=, or --out)"
         )
 
 
@@ -272,7 +273,8 @@ def train_network(
         }
         if not math.isfinite(record["train_loss"]):
             raise ConfigError(
-                f"{name}: loss became {record['train_loss']} in epoch {epoch + 1}; try a lower --lr"
+                f"{name}: loss became {record['train_loss']} in epoch {epoch + 1}; try a lower "
+                "learning rate (lr=, or --lr)"
             )
         history.append(record)
         if epoch + 1 == epochs:

@@ -540,7 +540,9 @@ def load_run_data(
     another dataset or location, which must have the same classes and channels."""
     data = data or config.get("data") or config.get("dataset")
     if not data:
-        raise DatasetError("the checkpoint does not record its dataset: name one with --data")
+        raise DatasetError(
+            "the checkpoint does not record its dataset: name one (data=, or --data)"
+        )
     root = root or config.get("data_root")
     options: dict[str, Any] = {}
     if data == config.get("data"):
@@ -646,8 +648,8 @@ def _train(
         check_output_location(run_dir, "--out", kind="directory")
         if (run_dir / "last.pt").exists():
             raise ConfigError(
-                f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose "
-                "another --out"
+                f"{run_dir} already holds a run: continue it (resume=, or --resume {run_dir}) or "
+                "choose another output directory (out=, or --out)"
             )
 
     if config.threads:
@@ -948,9 +950,10 @@ def _agree_on_step(
 def _non_finite_message(loss: float, step: int, epoch: int, run_dir: Path) -> str:
     whose = f"loss became {loss}" if not math.isfinite(loss) else "another rank's loss diverged"
     where = f"{whose} at step {step} (epoch {epoch + 1}); training stopped"
+    hint = "try a lower learning rate: lr=, or --lr"
     if (run_dir / "last.pt").exists():
-        return f"{where}, last good checkpoint kept in {run_dir / 'last.pt'} (try a lower --lr)"
-    return f"{where} before any checkpoint was written (try a lower --lr)"
+        return f"{where}, last good checkpoint kept in {run_dir / 'last.pt'} ({hint})"
+    return f"{where} before any checkpoint was written ({hint})"
 
 
 def _stop_requested(
