@@ -402,3 +402,8 @@ def test_in_memory_io_helpers_do_not_leak_files(tmp_path):
     Image.fromarray(np.zeros((3, 3), np.uint8)).save(buffer, format="PNG")
     (tmp_path / "z.png").write_bytes(buffer.getvalue())
     assert read_image(tmp_path / "z.png", 1).shape == (1, 3, 3)
+
+
+def test_imagefolder_without_a_root_names_the_argument_and_the_flag():
+    with pytest.raises(DatasetError, match=r"root=, or --data-root DIR"):
+        load_dataset("imagefolder", "train", None)

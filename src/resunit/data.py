@@ -444,8 +444,8 @@ def _load_imagefolder(
     of which a fixed stratified 20% is held out as the test split."""
     if root is None:
         raise DatasetError(
-            "imagefolder needs --data-root DIR holding one sub-folder per class "
-            "(optionally inside train/ and test/)"
+            "imagefolder needs a directory (root=, or --data-root DIR) holding one sub-folder "
+            "per class (optionally inside train/ and test/)"
         )
     if on_error not in ("skip", "fail"):
         raise DatasetError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
