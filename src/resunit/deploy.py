@@ -249,7 +249,7 @@ class InferenceModel(nn.Module):
         with torch.no_grad(), _inductor_patch(self.inductor_config):
             if not self.inductor_config:
                 return self.model(x)
-            key = (tuple(x.shape), x.stride(), x.dtype, x.device)
+            key = _input_signature(x)
             if key in self._compiled_for:
                 return self.model(x)
             # Concurrent first calls of one shape would each compile it (Dynamo compiles one
@@ -259,6 +259,11 @@ class InferenceModel(nn.Module):
                 out = self.model(x)
                 self._compiled_for.add(key)
             return out
+
+
+def _input_signature(x: Tensor) -> tuple[Any, ...]:
+    # What a compiled or traced graph is specialised to: a new one means a first call.
+    return (tuple(x.shape), x.stride(), x.dtype, x.device)
 
 
 # One lock for the first calls (compilations, traces) of all models: they are rare, Dynamo
@@ -512,7 +517,7 @@ class OneDnnGraphModel(InferenceModel):
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        key = (x.shape, x.stride(), x.dtype, x.device)
+        key = _input_signature(x)
         graph = self.graphs.get(key)
         with torch.no_grad():
             if graph is None and len(self.graphs) < MAX_ONEDNN_GRAPHS:
