@@ -32,6 +32,7 @@ from resunit.models import create_model, list_models
 from resunit.outputs import check_output_location, write_json, write_jsonl
 from resunit.report import read_jsonl
 from resunit.train import (
+    LOWER_LR_HINT,
     TrainConfig,
     checkpoint_config,
     evaluate,
@@ -273,8 +274,7 @@ def train_network(
         }
         if not math.isfinite(record["train_loss"]):
             raise ConfigError(
-                f"{name}: loss became {record['train_loss']} in epoch {epoch + 1}; try a lower "
-                "learning rate (lr=, or --lr)"
+                f"{name}: loss became {record['train_loss']} in epoch {epoch + 1}; {LOWER_LR_HINT}"
             )
         history.append(record)
         if epoch + 1 == epochs:

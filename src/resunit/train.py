@@ -947,13 +947,16 @@ def _agree_on_step(
     return not diverged, bool(stop)
 
 
+# What to try after a diverged loss, for library and CLI users alike.
+LOWER_LR_HINT = "try a lower learning rate: lr=, or --lr"
+
+
 def _non_finite_message(loss: float, step: int, epoch: int, run_dir: Path) -> str:
     whose = f"loss became {loss}" if not math.isfinite(loss) else "another rank's loss diverged"
     where = f"{whose} at step {step} (epoch {epoch + 1}); training stopped"
-    hint = "try a lower learning rate: lr=, or --lr"
     if (run_dir / "last.pt").exists():
-        return f"{where}, last good checkpoint kept in {run_dir / 'last.pt'} ({hint})"
-    return f"{where} before any checkpoint was written ({hint})"
+        return f"{where}, last good checkpoint kept in {run_dir / 'last.pt'} ({LOWER_LR_HINT})"
+    return f"{where} before any checkpoint was written ({LOWER_LR_HINT})"
 
 
 def _stop_requested(
@@ -1104,6 +1107,7 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 __all__ = [
+    "LOWER_LR_HINT",
     "RECIPES",
     "Distributed",
     "TrainConfig",
