@@ -1,6 +1,7 @@
 """`resunit export` and `resunit bench` end to end: what they write, print and refuse."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,8 +129,10 @@ def test_bench_ratio_to_onnxruntime_is_to_the_faster_of_its_two_modes(capsys):
         (["resnet9000"], "unknown model"),
         (["resnet20", "--batch", "0"], "--batch"),
         (["resnet20", "--variants", "eager,warp"], "--variants takes some of"),
-        (["resnet20", "--variants", ","], "--variants takes some of"),
+        (["resnet20", "--variants", ","], "--variants takes a comma-separated list"),
         (["resnet20", "--variants", "int8"], "benchmarks/inference.py"),
+        (["resnet20", "--batch", "1,,32"], "--batch takes a comma-separated list with no empty"),
+        (["resnet20", "--variants", "eager,eager"], "--variants names eager more than once"),
     ],
 )
 def test_bench_user_errors_are_one_line_and_exit_2(extra, message, capsys):
@@ -149,6 +152,15 @@ def test_a_failed_check_leaves_no_file_and_keeps_the_previous_export(
     assert "not trustworthy" in capsys.readouterr().err
     assert out.read_bytes() == b"an earlier, good export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temporary left
+
+
+@needs_onnx
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_export_to_a_place_that_takes_no_files_is_one_line(checkpoint, capsys):
+    # /proc takes no new files, even from root: what a read-only mount does for other users.
+    assert main(["export", "--checkpoint", str(checkpoint), "--onnx", "/proc/m.onnx"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write --onnx /proc/m.onnx" in err
 
 
 @needs_onnx

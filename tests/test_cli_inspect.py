@@ -123,6 +123,12 @@ def test_inspect_user_errors_are_one_line_and_exit_2(argv, prefix, capsys):
     one_error_line(capsys, prefix)
 
 
+def test_inspect_a_run_directory_names_the_checkpoint_to_give(checkpoint, capsys):
+    # `resunit inspect runs/x` is a checkpoint meant, not an unknown model "runs/x".
+    assert main(["inspect", str(checkpoint.parent)]) == 2
+    one_error_line(capsys, f"{checkpoint.parent} is a directory: give a checkpoint file")
+
+
 # --- analyze --------------------------------------------------------------------------------
 
 

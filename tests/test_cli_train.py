@@ -243,6 +243,87 @@ def test_run_dir_and_resume_mistakes_are_one_line(tmp_path, capsys, reference_ru
     assert "checkpoint expects" in _error_line(capsys)
 
 
+def _files_under(path: Path) -> set[Path]:
+    return set(path.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("occupant", "option", "expected"),
+    [
+        ("best.pt/", (), "best.pt is a directory where the run writes a file"),
+        ("metrics.jsonl/", (), "metrics.jsonl is a directory where the run writes a file"),
+        ("tensorboard", ("--tensorboard",), "tensorboard is a file where --tensorboard writes"),
+        ("experiment.json", (), "holds an experiment (experiment.json"),
+    ],
+    ids=["best-pt-a-folder", "metrics-a-folder", "tensorboard-a-file", "an-experiment"],
+)
+def test_an_out_whose_files_cannot_be_written_is_refused_before_training(
+    tmp_path, capsys, occupant, option, expected
+):
+    # Each used to surface only when the file was first written: after an epoch, or after
+    # the whole run (best.pt, an experiment's summary.json overwritten).
+    out = tmp_path / "run"
+    out.mkdir()
+    name = occupant.rstrip("/")
+    if occupant.endswith("/"):
+        (out / name).mkdir()
+    else:
+        (out / name).write_text("{}")
+    before = _files_under(tmp_path)
+    assert main(["train", *QUICK, *option, "--out", str(out)]) == 2
+    assert expected in _error_line(capsys)
+    assert _files_under(tmp_path) == before  # nothing written, nothing trained
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_unwritable_output_locations_are_one_line_even_as_root(tmp_path, capsys, reference_run):
+    # /proc takes no new files, whoever asks: what a read-only mount does for other users.
+    assert main(["train", *QUICK, "--out", "/proc/resunit-run"]) == 2
+    assert "cannot write to --out /proc/resunit-run" in _error_line(capsys)
+    assert main(["data", "download", "cifar10", "--root", "/proc/resunit-data"]) == 2
+    assert "cannot write to --root /proc/resunit-data" in _error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("command", "dropped", "expected"),
+    [
+        ("eval", "mean", "lacks mean"),
+        ("predict", "classes", "lacks classes"),
+        ("predict", "input_size", "lacks input_size"),
+    ],
+)
+def test_a_checkpoint_without_what_feeding_it_takes_is_one_line(
+    tmp_path, capsys, reference_run, command, dropped, expected
+):
+    state = read_checkpoint(reference_run / "best.pt")
+    del state["config"][dropped]
+    torch.save(state, tmp_path / "edited.pt")
+    argv = [command, "--checkpoint", str(tmp_path / "edited.pt")]
+    assert main([*argv, *(["x.png"] if command == "predict" else [])]) == 2
+    assert f"{tmp_path / 'edited.pt'}: its config {expected}" in _error_line(capsys)
+
+
+def test_a_run_on_a_relative_data_root_is_found_from_any_directory(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "work" / "shapes"
+    for label in ("dark", "light"):
+        (folder / label).mkdir(parents=True)
+        for i in range(6):
+            value = 40 * i if label == "dark" else 255 - 20 * i
+            Image.new("L", (8, 8), value).save(folder / label / f"{i}.png")
+    monkeypatch.chdir(tmp_path / "work")
+    argv = ["--data", "imagefolder", "--data-root", "shapes", "--model", "resnet20"]
+    assert main(["train", *argv, "--steps", "1", "--no-progress", "--out", "run"]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)  # elsewhere: the recorded root is absolute
+    assert main(["eval", "--checkpoint", "work/run/best.pt", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] > 0
+    folder.rename(tmp_path / "moved")
+    assert main(["eval", "--checkpoint", "work/run/best.pt"]) == 2
+    assert "give its new place with data_root=, or --data-root" in _error_line(capsys)
+    moved = ["--data-root", str(tmp_path / "moved"), "--json"]
+    assert main(["eval", "--checkpoint", "work/run/best.pt", *moved]) == 0
+
+
 class _Exploit:
     def __reduce__(self):
         return (os.system, ("touch pwned",))

@@ -180,6 +180,17 @@ def test_cifar10_python_archive_is_read_in_order(tmp_path):
     assert train.labels.tolist() == labels[:20] and test.labels.tolist() == labels[20:]
 
 
+def test_a_meta_file_naming_fewer_classes_than_the_labels_use_is_a_data_error(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    _, labels = _write_cifar10_python(folder)
+    top = max(labels[:20])  # the training batches' largest label
+    with (folder / "batches.meta").open("wb") as f:  # one class short of it
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(top)]}, f, protocol=2)
+    message = rf"labels run from \d+ to {top} but there are {top} class names"
+    with pytest.raises(DatasetError, match=message):
+        load_dataset("cifar10", "train", str(tmp_path))
+
+
 def test_cifar100_binary_archive_uses_the_fine_label(tmp_path):
     folder = tmp_path / "cifar100" / "cifar-100-binary"
     folder.mkdir(parents=True)

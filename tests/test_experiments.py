@@ -130,7 +130,8 @@ def test_finished_networks_are_skipped_and_other_settings_refused(tmp_path):
         "plain20: trained earlier (1 epochs), skipped",
         "resnet20: trained earlier (1 epochs), skipped",
     ]
-    with pytest.raises(ConfigError, match=r"other settings \(.*epochs"):
+    # --epochs sets the recipe's epochs too: the message names the option once.
+    with pytest.raises(ConfigError, match=r"other settings \(epochs\):"):
         run_degradation(DegradationConfig(depths=[20], epochs=3, out=str(out)), progress=False)
 
 
@@ -198,6 +199,14 @@ def _network_is_a_file(tmp: Path) -> Path:
     return tmp / "exp"
 
 
+def _a_training_run(tmp: Path) -> Path:
+    # `resunit train --out exp` was here: its summary.json would be overwritten.
+    (tmp / "exp").mkdir()
+    (tmp / "exp" / "config.json").write_text("{}")
+    (tmp / "exp" / "summary.json").write_text('{"test_accuracy": 0.99}')
+    return tmp / "exp"
+
+
 def _dangling_link(tmp: Path) -> Path:
     # Passes every check and fails at the first write (mkdir meets the link): a disk that is
     # not mounted; the write's OSError is what is reported.
@@ -212,9 +221,17 @@ def _dangling_link(tmp: Path) -> Path:
         (_below_a_file, "--out {out} is below {tmp}/a-file, which is a file"),
         (_summary_is_a_folder, "{out}/summary.json is a directory where the experiment writes"),
         (_network_is_a_file, "{out}/resnet20 is a file where resnet20 keeps its checkpoints"),
+        (_a_training_run, "{out} holds a training run (config.json, from `resunit train`)"),
         (_dangling_link, "cannot write {out}/experiment.json: File exists"),
     ],
-    ids=["a-file", "below-a-file", "summary-a-folder", "network-a-file", "the-write-fails"],
+    ids=[
+        "a-file",
+        "below-a-file",
+        "summary-a-folder",
+        "network-a-file",
+        "a-training-run",
+        "the-write-fails",
+    ],
 )
 def test_an_out_that_cannot_hold_the_experiment_is_one_line(tmp_path, capsys, make_out, message):
     out = make_out(tmp_path)

@@ -173,6 +173,17 @@ def test_evaluate_agrees_with_scikit_learn_confusion_matrix():
     assert result["per_class_accuracy"] == pytest.approx(per_class.tolist())
 
 
+def test_a_class_with_no_test_images_has_no_accuracy_rather_than_zero():
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_chans=1).eval()
+    test = load_dataset("digits", "test")
+    without_nines = test.subset(torch.nonzero(test.labels != 9).flatten())
+    result = evaluate(model, without_nines, batch_size=64)
+    assert result["per_class_accuracy"][9] is None
+    assert all(a is not None for a in result["per_class_accuracy"][:9])
+    assert result["count"] == int((test.labels != 9).sum())
+
+
 def _digits_sample(count: int = 40):
     test = load_dataset("digits", "test")
     return test.subset(torch.arange(count))

@@ -669,14 +669,14 @@ def analyze_checkpoint(
     ``analysis.json`` (and PNG plots unless ``plots=False``) to ``out_dir`` when given; that
     directory is checked before the analysis starts, so a bad one fails in a second.
     """
-    from resunit.checkpoint import load_model
+    from resunit.checkpoint import FEEDING_FIELDS, load_model
     from resunit.train import load_run_data, prepare_batch
 
     # Named for both audiences: the Python argument and the CLI flag that sets it.
     batch_size = _require_int("batch_size (--batch-size)", batch_size, 1)
     if limit is not None:
         limit = _require_int("limit (--limit)", limit, 1)
-    model, config = load_model(path)
+    model, config = load_model(path, needs=FEEDING_FIELDS)
     data = data or config.get("data") or config.get("dataset")
     # As the run saw its data: same options, classes and channels checked, its normalisation.
     test_set = load_run_data(config, "test", data, data_root)

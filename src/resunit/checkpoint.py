@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,11 +247,32 @@ def save_checkpoint(payload: Mapping[str, Any], path: str | os.PathLike[str]) ->
     return Path(path)
 
 
-def load_model(path: str | os.PathLike[str]) -> tuple[ResNet, dict[str, Any]]:
+# What feeding images to a checkpoint's model takes: its classes and channels, its input size
+# and the normalisation it was trained with. `resunit train` records them all.
+FEEDING_FIELDS = ("num_classes", "in_chans", "input_size", "mean", "std")
+
+
+def require_config_fields(
+    config: Mapping[str, Any], fields: Iterable[str], source: str = "the checkpoint"
+) -> None:
+    """Raise :class:`CheckpointError` naming every one of ``fields`` that ``config`` lacks."""
+    missing = [name for name in fields if config.get(name) is None]
+    if missing:
+        raise CheckpointError(
+            f"{source}: its config lacks {', '.join(missing)} (checkpoints written by "
+            "`resunit train` record them)"
+        )
+
+
+def load_model(
+    path: str | os.PathLike[str], needs: Iterable[str] = ()
+) -> tuple[ResNet, dict[str, Any]]:
     """Rebuild a trained model from a resunit checkpoint and load its weights safely.
 
     The checkpoint's ``config`` (model name, num_classes, in_chans, overrides, dataset,
     mean/std, classes, input size) says what to build. Returns (model in eval mode, config).
+    ``needs`` names the config fields the caller will use (e.g. :data:`FEEDING_FIELDS`): a
+    checkpoint without one is refused here, with its path.
     """
     payload = read_checkpoint(path)
     config = payload.get("config")
@@ -261,6 +282,7 @@ def load_model(path: str | os.PathLike[str]) -> tuple[ResNet, dict[str, Any]]:
             "the model yourself and use resunit.checkpoint.load_weights"
         )
     config = dict(config)
+    require_config_fields(config, needs, str(path))
     try:
         model = create_model(
             config["model"],
@@ -284,10 +306,12 @@ def load_model(path: str | os.PathLike[str]) -> tuple[ResNet, dict[str, Any]]:
 
 
 __all__ = [
+    "FEEDING_FIELDS",
     "LoadReport",
     "extract_state_dict",
     "load_model",
     "load_weights",
     "read_checkpoint",
+    "require_config_fields",
     "save_checkpoint",
 ]

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from resunit.errors import DatasetError
-from resunit.outputs import check_output_location
+from resunit.outputs import check_output_location, prepare_output_dir
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 SPLITS = ("train", "val", "test")
@@ -64,6 +64,13 @@ class ImageDataset:
                 f"{self.name}: {len(self.images)} images but {len(self.labels)} labels"
             )
         self.labels = self.labels.to(torch.int64)
+        if len(self.labels):  # e.g. a CIFAR meta file that names fewer classes than its batches use
+            low, high = int(self.labels.min()), int(self.labels.max())
+            if low < 0 or high >= len(self.classes):
+                raise DatasetError(
+                    f"{self.name}: labels run from {low} to {high} but there are "
+                    f"{len(self.classes)} class names"
+                )
         if not self.mean:
             self.mean, self.std = channel_stats(self.images)
 
@@ -642,8 +649,8 @@ def download_dataset(
         return target
     check_output_location(root, "--root", kind="directory")
     created = [p for p in (root, *root.parents) if not p.exists()]
-    root.mkdir(parents=True, exist_ok=True)
     try:
+        prepare_output_dir(root, option="--root")  # creatable and writable, before downloading
         with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
             _fetch_and_extract(name, url, md5, folder_name, Path(tmp), target, progress)
     except BaseException:

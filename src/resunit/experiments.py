@@ -153,6 +153,11 @@ def _check_locations(out: Path, names: Sequence[str]) -> None:
     """Refuse, before any training, an ``--out`` whose files could never be written: ``out``
     or a network's directory being a file, or one of the result files being a directory."""
     check_output_location(out, "--out", kind="directory")
+    if (out / "config.json").exists():  # both write summary.json
+        raise ConfigError(
+            f"{out} holds a training run (config.json, from `resunit train`): choose another "
+            "output directory (out=, or --out)"
+        )
     files = [out / "experiment.json", out / "summary.json", out / "degradation.png"]
     for name in names:
         run_dir = out / name
@@ -184,15 +189,32 @@ def _check_same_experiment(out: Path, settings: dict[str, Any]) -> None:
             f"{path} is damaged (not a JSON object): remove it to resume the experiment there "
             "with the options given now, or choose another output directory (out=, or --out)"
         )
-    if previous != json.loads(json.dumps(settings)):
-        changed = sorted(
-            k for k in settings if previous.get(k) != json.loads(json.dumps(settings[k]))
-        )
+    settings = json.loads(json.dumps(settings))  # as it was stored: tuples become lists
+    if previous != settings:
+        changed = _changed_settings(previous, settings)
         raise ConfigError(
             f"{out} holds a degradation experiment with other settings ({', '.join(changed)}): "
             "rerun it with the same options to resume, or choose another output directory "
             "(out=, or --out)"
         )
+
+
+def _changed_settings(previous: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The names of the settings that differ; a recipe entry only when no top-level option
+    already names the change (``--epochs`` sets both ``epochs`` and the recipe's)."""
+    changed = sorted(k for k in now.keys() | previous.keys() if previous.get(k) != now.get(k))
+    if "recipe" not in changed:
+        return changed
+    old_recipe, new_recipe = previous.get("recipe"), now.get("recipe")
+    if not isinstance(old_recipe, dict) or not isinstance(new_recipe, dict):
+        return changed
+    top = set(changed)
+    inner = sorted(
+        f"recipe.{k}"
+        for k in old_recipe.keys() | new_recipe.keys()
+        if old_recipe.get(k) != new_recipe.get(k) and k not in top
+    )
+    return [k for k in changed if k != "recipe"] + inner
 
 
 def train_network(

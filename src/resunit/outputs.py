@@ -1,9 +1,10 @@
 """Where a command's results go: a bad location is refused before the work, and every file
 is written whole (through :func:`resunit.atomic.atomic_path`) or not at all.
 
-A command that trains or analyses for minutes checks ``--out`` first (:func:`check_output_location`,
-:func:`prepare_output_dir`), so a typo costs a second, not the run; the writers below turn the
-``OSError`` of a full disk or a missing permission into a one-line :class:`ConfigError`.
+A command that trains or analyses for minutes checks where it will write first
+(:func:`check_output_location`, :func:`prepare_output_dir`, :func:`prepare_output_file`), so a
+typo costs a second, not the run; the writers below turn the ``OSError`` of a full disk or a
+missing permission into a one-line :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -61,6 +62,22 @@ def prepare_output_dir(
     return out
 
 
+def prepare_output_file(path: str | os.PathLike[str], option: str) -> Path:
+    """Make sure ``path`` can be written before any work: not a directory, its folder created
+    if needed and writable. Raises :class:`ConfigError` otherwise."""
+    out = Path(path)
+    if not str(path).strip():
+        raise ConfigError(f"{option} needs a file name, got {str(path)!r}")
+    check_output_location(out, option)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):  # only writing tells, as above
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write {option} {out}: {reason(exc)}") from None
+    return out
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], what: str = "") -> Iterator[Path]:
     """:func:`resunit.atomic.atomic_path` for a command's result: the ``OSError`` of a full
@@ -102,6 +119,7 @@ __all__ = [
     "atomic_output",
     "check_output_location",
     "prepare_output_dir",
+    "prepare_output_file",
     "reason",
     "write_json",
     "write_jsonl",

@@ -32,11 +32,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resunit.blocks import _require_int
-from resunit.checkpoint import read_checkpoint, save_checkpoint
+from resunit.checkpoint import (
+    FEEDING_FIELDS,
+    load_model,
+    read_checkpoint,
+    require_config_fields,
+    save_checkpoint,
+)
 from resunit.data import ImageDataset, augment, load_dataset, normalize
 from resunit.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from resunit.models import create_model, dtype_and_device
-from resunit.outputs import check_output_location, write_json, write_jsonl
+from resunit.outputs import check_output_location, prepare_output_dir, write_json, write_jsonl
 
 SCHEDULES = ("multistep", "cosine", "onecycle", "constant")
 CHECKPOINT_FORMAT = "resunit-train-1"
@@ -389,13 +395,18 @@ def evaluate(
     finally:
         model.train(was_training)
     total = int(confusion.sum())
-    per_class_total = confusion.sum(1).clamp_min(1)
+    per_class_total = confusion.sum(1)
+    # None for a class with no images here: its accuracy is unknown, not 0%.
+    per_class = [
+        int(right) / int(count) if count else None
+        for right, count in zip(confusion.diag(), per_class_total, strict=True)
+    ]
     return {
         "accuracy": float(confusion.diag().sum()) / max(total, 1),
         "loss": loss_sum / max(total, 1),
         "count": total,
         "classes": list(dataset.classes),
-        "per_class_accuracy": (confusion.diag() / per_class_total).tolist(),
+        "per_class_accuracy": per_class,
         "confusion_matrix": confusion.tolist(),
     }
 
@@ -510,6 +521,33 @@ def _new_run_dir(config: TrainConfig) -> Path:
     return Path("runs") / f"{config.data}-{config.model}-{stamp}"
 
 
+# What a run writes into its directory (see _RunWriter and the checkpoints in _train).
+RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "summary.json")
+
+
+def _check_run_dir(run_dir: Path, config: TrainConfig) -> None:
+    """Refuse, before any work and without creating anything, a run directory whose files
+    could never be written, or one that holds an experiment (both write ``summary.json``)."""
+    check_output_location(run_dir, "--out", kind="directory")
+    if (run_dir / "experiment.json").exists():
+        raise ConfigError(
+            f"{run_dir} holds an experiment (experiment.json, from `resunit experiment`): "
+            "choose another output directory (out=, or --out)"
+        )
+    for name in RUN_FILES:
+        if (run_dir / name).is_dir():
+            raise ConfigError(
+                f"{run_dir / name} is a directory where the run writes a file; remove it or "
+                "choose another output directory (out=, or --out)"
+            )
+    board = run_dir / "tensorboard"
+    if config.tensorboard and board.exists() and not board.is_dir():
+        raise ConfigError(
+            f"{board} is a file where --tensorboard writes its logs; remove it or choose "
+            "another output directory (out=, or --out)"
+        )
+
+
 def load_data(config: TrainConfig) -> tuple[ImageDataset, ImageDataset | None, ImageDataset]:
     """(train, val or None, test) for a config; val is carved from train when asked."""
     options: dict[str, Any] = {**config.data_options, "val_fraction": config.val_fraction}
@@ -543,14 +581,24 @@ def load_run_data(
         raise DatasetError(
             "the checkpoint does not record its dataset: name one (data=, or --data)"
         )
+    require_config_fields(config, FEEDING_FIELDS)
+    recorded_root = root is None and config.get("data_root")
     root = root or config.get("data_root")
     options: dict[str, Any] = {}
     if data == config.get("data"):
         options = {**(config.get("data_options") or {}), "val_fraction": config.get("val_fraction")}
     if data == "imagefolder":  # images of the size and channels the model was trained on
-        options.setdefault("image_size", config["image_size"][0])
+        options.setdefault("image_size", (config.get("image_size") or [config["input_size"]])[0])
         options.setdefault("channels", config["in_chans"])
-    dataset = load_dataset(data, split, root, **options)
+    try:
+        dataset = load_dataset(data, split, root, **options)
+    except DatasetError as exc:
+        if not recorded_root or Path(root).exists():
+            raise
+        raise DatasetError(
+            f"{exc} (the data root the run was trained with is gone; give its new place with "
+            "data_root=, or --data-root)"
+        ) from None
     if dataset.num_classes != config["num_classes"] or dataset.in_chans != config["in_chans"]:
         raise DatasetError(
             f"{data} has {dataset.num_classes} classes × {dataset.in_chans} channels but the "
@@ -577,6 +625,8 @@ def checkpoint_config(
     rebuild the model and feed it (classes, channels, input size, normalisation)."""
     return {
         **config.to_dict(),
+        # Absolute, so that eval, analyze and export find the data from any directory.
+        "data_root": str(Path(config.data_root).resolve()) if config.data_root else None,
         "num_classes": train_set.num_classes,
         "in_chans": train_set.in_chans,
         "input_size": input_size,
@@ -645,12 +695,12 @@ def _train(
     else:
         validate_config(config)
         run_dir = _new_run_dir(config)
-        check_output_location(run_dir, "--out", kind="directory")
         if (run_dir / "last.pt").exists():
             raise ConfigError(
                 f"{run_dir} already holds a run: continue it (resume=, or --resume {run_dir}) or "
                 "choose another output directory (out=, or --out)"
             )
+    _check_run_dir(run_dir, config)
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -1008,7 +1058,7 @@ class _RunWriter:
         if not enabled:
             return
         summary_writer = _tensorboard_writer_class() if config.tensorboard else None
-        run_dir.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(run_dir, RUN_FILES)  # creatable and writable: checked before training
         write_json(run_dir / "config.json", model_config)
         if summary_writer is not None:
             self.tb = summary_writer(str(run_dir / "tensorboard"))
@@ -1074,10 +1124,9 @@ def predict_files(
     ``invert`` flips brightness first (255 − value): for dark ink on light paper when the
     model learnt light strokes on a dark ground, as the digits data has them.
     """
-    from resunit.checkpoint import load_model
     from resunit.data import read_image
 
-    model, config = load_model(checkpoint)
+    model, config = load_model(checkpoint, needs=(*FEEDING_FIELDS, "classes"))
     height, width = config.get("image_size") or (config["input_size"],) * 2
     images = torch.stack([read_image(p, config["in_chans"], (height, width)) for p in paths])
     if invert:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from resunit.errors import ResunitError
+from resunit.errors import ConfigError, ResunitError
 
 USAGE_ERROR = 2
 # What a shell reports for a process killed by SIGPIPE; the reader (`| head`) went away.
@@ -74,3 +74,17 @@ def add_json_flag(parser: argparse.ArgumentParser, instead_of: str = "a table") 
     parser.add_argument(
         "--json", action="store_true", help=f"print machine-readable JSON instead of {instead_of}"
     )
+
+
+def comma_separated(text: str, option: str) -> list[str]:
+    """``"a, b"`` → ``["a", "b"]``; an empty item (``"1,,2"``) or a repeated one is a usage
+    error rather than something silently dropped or done twice."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise ConfigError(
+            f"{option} takes a comma-separated list with no empty items, got {text!r}"
+        )
+    repeated = sorted({item for item in items if items.count(item) > 1})
+    if repeated:
+        raise ConfigError(f"{option} names {', '.join(repeated)} more than once")
+    return items

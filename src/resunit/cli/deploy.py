@@ -12,10 +12,9 @@ import torch
 from tqdm import tqdm
 
 from resunit.analysis import shape_text
-from resunit.atomic import atomic_path
-from resunit.cli.common import add_json_flag, format_table, print_json
+from resunit.cli.common import add_json_flag, comma_separated, format_table, print_json
 from resunit.errors import ConfigError
-from resunit.outputs import check_output_location
+from resunit.outputs import atomic_output, prepare_output_file
 
 DEFAULT_CALIBRATION_BATCHES = 8
 CALIBRATION_BATCH_SIZE = 32
@@ -52,6 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help=f"int8: calibrate on N batches of {CALIBRATION_BATCH_SIZE} training images "
         f"(default {DEFAULT_CALIBRATION_BATCHES})",
+    )
+    export.add_argument(
+        "--data-root",
+        metavar="DIR",
+        help="int8: where the run's data is now, if it moved (default: where it was trained)",
     )
     export.add_argument(
         "--calibration",
@@ -100,16 +104,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from resunit import deploy
-    from resunit.checkpoint import load_model
+    from resunit.checkpoint import FEEDING_FIELDS, load_model
 
     if args.calibration_batches < 1:
         raise ConfigError("--calibration-batches must be at least 1")
     deploy._require_onnx()  # fail before any work when the extra is missing
-    model, config = load_model(args.checkpoint)
+    # int8 feeds it the run's images: calibration and the accuracy before and after.
+    model, config = load_model(args.checkpoint, needs=FEEDING_FIELDS if args.int8 else ())
     input_shape = (
         deploy.parse_input_shape(args.input) if args.input else _checkpoint_input_shape(config)
     )
-    out = _output_path(args.onnx)
+    out = prepare_output_file(args.onnx, "--onnx")  # before any work
     if args.int8 and input_shape[1] != input_shape[2]:
         raise ConfigError(f"--int8 needs a square --input (H = W), got {shape_text(input_shape)}")
     result: dict[str, Any] = {
@@ -120,7 +125,7 @@ def run_export(args: argparse.Namespace) -> int:
     }
     # Written beside `out` and renamed only once checked: a failed check leaves no file, and
     # an earlier good export at that path stays as it was.
-    with atomic_path(out) as tmp:
+    with atomic_output(out) as tmp:
         if not args.int8:
             deploy.export_onnx(model, tmp, input_shape, dynamic_batch=args.dynamic_batch)
             batch_sizes = (1, 3) if args.dynamic_batch else (1,)
@@ -129,7 +134,13 @@ def run_export(args: argparse.Namespace) -> int:
         else:
             result.update(
                 _export_int8(
-                    model, config, input_shape, tmp, args.calibration_batches, args.calibration
+                    model,
+                    config,
+                    input_shape,
+                    tmp,
+                    args.calibration_batches,
+                    args.calibration,
+                    args.data_root,
                 )
             )
             result["onnx"] = str(out)
@@ -154,19 +165,6 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _output_path(text: str) -> Path:
-    """``--onnx``'s path, checked before any work: a file name in a directory we can create."""
-    if not text.strip():
-        raise ConfigError(f"--onnx needs a file name, got {text!r}")
-    out = Path(text)
-    check_output_location(out, "--onnx")  # not a directory, not below a file
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the folder for {out}: {exc.strerror}") from None
-    return out
-
-
 def _check_summary(path: Path, check: Any) -> dict[str, Any]:
     return {
         "onnx": str(path),
@@ -185,13 +183,14 @@ def _export_int8(
     out: Path,
     calibration_batches: int,
     method: str,
+    data_root: str | None,
 ) -> dict[str, Any]:
     from resunit import deploy
     from resunit.train import evaluate, load_run_data, prepare_batch
 
     # The data as the run saw it: same options and partition, its training normalisation.
-    train_set = load_run_data(config, "train")
-    test_set = load_run_data(config, "test")
+    train_set = load_run_data(config, "train", root=data_root)
+    test_set = load_run_data(config, "test", root=data_root)
     input_size = input_shape[-1]
     # A seeded sample of the training split: every class, never the test images.
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
@@ -237,8 +236,9 @@ def _checkpoint_input_shape(config: dict[str, Any]) -> tuple[int, int, int]:
 
 
 def _parse_batches(text: str) -> list[int]:
+    items = comma_separated(text, "--batch")
     try:
-        batches = [int(b) for b in text.split(",") if b.strip()]
+        batches = [int(b) for b in items]
     except ValueError:
         batches = []
     if not batches or min(batches) < 1:
@@ -259,9 +259,9 @@ def run_bench(args: argparse.Namespace) -> int:
             raise ConfigError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     input_shape = deploy.parse_input_shape(args.input) if args.input else default_shape
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    names = comma_separated(args.variants, "--variants")
     float32 = ", ".join(deploy.FLOAT32_VARIANTS)
-    if not names or any(n not in deploy.FLOAT32_VARIANTS for n in names):
+    if any(n not in deploy.FLOAT32_VARIANTS for n in names):
         raise ConfigError(
             f"--variants takes some of {float32} (int8 is timed by benchmarks/inference.py), "
             f"got {args.variants!r}"

@@ -284,12 +284,12 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from resunit.checkpoint import load_model
+    from resunit.checkpoint import FEEDING_FIELDS, load_model
     from resunit.train import evaluate, load_run_data
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be ≥ 1, got {args.batch_size}")
-    model, config = load_model(args.checkpoint)
+    model, config = load_model(args.checkpoint, needs=FEEDING_FIELDS)
     data = args.data or config.get("data", "digits")
     dataset = load_run_data(config, args.split, data, args.data_root)
     result = evaluate(model, dataset, args.batch_size, input_size=config.get("input_size"))
@@ -320,7 +320,7 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     classes = result["classes"]
     rows = [
-        (c, f"{a:.2%}", sum(result["confusion_matrix"][i]))
+        (c, "-" if a is None else f"{a:.2%}", sum(result["confusion_matrix"][i]))
         for i, (c, a) in enumerate(zip(classes, result["per_class_accuracy"], strict=True))
     ]
     print(format_table(["class", "accuracy", "images"], rows, align="lrr"))
