@@ -96,25 +96,24 @@ def describe_machine(threads: int) -> Machine:
 def measure_gemm_gflops(size: int = 4096, repeats: int = 5) -> dict[str, float]:
     """Best float32 GFLOP/s of a ``size``³ matrix product in each of PyTorch's two CPU
     libraries: MKL (``torch.mm``) and oneDNN (the same product as a channels_last 1×1
-    convolution, ``size`` channels over a ``size``-pixel map).
+    convolution: ``size`` channels in and out over 16 images of 16×16 = 4096 pixels).
 
-    Both, because neither is the ceiling everywhere: on an AMD EPYC (Zen 5, 2026-11-29) MKL
-    reached 209 GFLOP/s and oneDNN 411 (MKL does not take its AVX-512 path on AMD CPUs); on
-    Intel they were within a few percent of each other. The faster one is what the cores
-    really deliver.
+    Both, because neither is the ceiling everywhere: on an AMD EPYC (Zen 5, 2026-11-29 13:48
+    UTC) MKL reached 219 GFLOP/s and oneDNN 459 (MKL does not take its AVX-512 path on AMD
+    CPUs); on Intel they were within a few percent of each other. The faster one is what the
+    cores really deliver. (16 images, not one: PyTorch sends a one-image 1×1 convolution to
+    its own slow kernel rather than to oneDNN when it runs on one thread.)
     """
-    side = int(size**0.5)
     a, b = torch.randn(size, size), torch.randn(size, size)
-    image = torch.randn(1, size, side, side).contiguous(memory_format=torch.channels_last)
+    images = torch.randn(16, size, 16, 16).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(size, size, 1, 1).contiguous(memory_format=torch.channels_last)
-    products = {
-        "mkl": lambda: torch.mm(a, b),
-        "onednn": lambda: torch.nn.functional.conv2d(image, weight),
+    products = {  # name: (the product, its FLOP)
+        "mkl": (lambda: torch.mm(a, b), 2 * size**3),
+        "onednn": (lambda: torch.nn.functional.conv2d(images, weight), 2 * size * size * 4096),
     }
-    flop = 2 * size * size * side * side  # = 2 × size³ when size is a square
     rates = {}
     with torch.no_grad():
-        for name, product in products.items():
+        for name, (product, flop) in products.items():
             product()  # warm-up: thread pool, page faults, oneDNN's kernel generation
             best = float("inf")
             for _ in range(repeats):

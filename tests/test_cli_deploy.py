@@ -72,6 +72,12 @@ def test_export_int8_reports_accuracy_before_and_after(checkpoint, tmp_path, cap
     assert 0.0 <= result["accuracy_float32"] <= 1.0 and 0.0 <= result["accuracy_int8"] <= 1.0
 
 
+def test_export_data_root_without_int8_is_refused_rather_than_ignored(checkpoint, capsys):
+    argv = ["export", "--checkpoint", str(checkpoint), "--onnx", "m.onnx", "--data-root", "d"]
+    assert main(argv) == 2
+    assert "--data-root is for --int8" in capsys.readouterr().err
+
+
 def test_export_of_a_missing_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
     code = main(["export", "--checkpoint", str(tmp_path / "nope.pt"), "--onnx", "x.onnx"])
     err = capsys.readouterr().err

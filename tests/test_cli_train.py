@@ -276,7 +276,7 @@ def test_an_out_whose_files_cannot_be_written_is_refused_before_training(
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
-def test_unwritable_output_locations_are_one_line_even_as_root(tmp_path, capsys, reference_run):
+def test_unwritable_output_locations_are_one_line_even_as_root(capsys):
     # /proc takes no new files, whoever asks: what a read-only mount does for other users.
     assert main(["train", *QUICK, "--out", "/proc/resunit-run"]) == 2
     assert "cannot write to --out /proc/resunit-run" in _error_line(capsys)
@@ -319,9 +319,23 @@ def test_a_run_on_a_relative_data_root_is_found_from_any_directory(tmp_path, cap
     assert json.loads(capsys.readouterr().out)["count"] > 0
     folder.rename(tmp_path / "moved")
     assert main(["eval", "--checkpoint", "work/run/best.pt"]) == 2
-    assert "give its new place with data_root=, or --data-root" in _error_line(capsys)
-    moved = ["--data-root", str(tmp_path / "moved"), "--json"]
-    assert main(["eval", "--checkpoint", "work/run/best.pt", *moved]) == 0
+    assert "is gone; give its place with data_root=, or --data-root" in _error_line(capsys)
+    moved = ["--data-root", str(tmp_path / "moved")]
+    assert main(["eval", "--checkpoint", "work/run/best.pt", *moved, "--json"]) == 0
+    capsys.readouterr()
+    # --resume takes --data-root too: the moved data is found (this run has no step left).
+    assert main(["train", "--resume", "work/run"]) == 2
+    assert "is gone; give its place with data_root=, or --data-root" in _error_line(capsys)
+    assert main(["train", "--resume", "work/run", *moved]) == 2
+    assert "has finished its 1 steps: nothing to resume" in _error_line(capsys)
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "a" / "b" / "run"
+    argv = ["train", "--data", "cifar10", "--data-root", str(tmp_path / "none"), "--out", str(out)]
+    assert main(argv) == 2
+    assert "cifar10 not found" in _error_line(capsys)
+    assert list(tmp_path.iterdir()) == []  # a/b/run was made, write-tested and removed
 
 
 class _Exploit:

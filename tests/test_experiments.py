@@ -133,6 +133,10 @@ def test_finished_networks_are_skipped_and_other_settings_refused(tmp_path):
     # --epochs sets the recipe's epochs too: the message names the option once.
     with pytest.raises(ConfigError, match=r"other settings \(epochs\):"):
         run_degradation(DegradationConfig(depths=[20], epochs=3, out=str(out)), progress=False)
+    # A training option is named as given (lr), not as train_options or recipe.lr.
+    faster = DegradationConfig(depths=[20], epochs=1, out=str(out), train_options={"lr": 0.05})
+    with pytest.raises(ConfigError, match=r"other settings \(lr\):"):
+        run_degradation(faster, progress=False)
 
 
 def test_summary_rows_come_from_the_histories():

@@ -173,6 +173,29 @@ def test_evaluate_agrees_with_scikit_learn_confusion_matrix():
     assert result["per_class_accuracy"] == pytest.approx(per_class.tolist())
 
 
+@pytest.mark.parametrize(
+    ("data", "data_root", "env", "expected"),
+    [
+        ("imagefolder", "pics", None, "pics"),  # as given, made absolute
+        ("cifar10", None, None, "data"),  # CIFAR's default
+        ("cifar10", None, "sets", "sets"),  # ... or $RESUNIT_DATA
+        ("digits", None, None, None),  # bundled: no root at all
+    ],
+)
+def test_the_recorded_data_root_is_absolute_so_any_directory_finds_it(
+    tmp_path, monkeypatch, data, data_root, env, expected
+):
+    from resunit.train import _recorded_data_root
+
+    monkeypatch.chdir(tmp_path)
+    if env:
+        monkeypatch.setenv("RESUNIT_DATA", env)
+    else:
+        monkeypatch.delenv("RESUNIT_DATA", raising=False)
+    config = TrainConfig(data=data, data_root=data_root)
+    assert _recorded_data_root(config) == (str(tmp_path / expected) if expected else None)
+
+
 def test_a_class_with_no_test_images_has_no_accuracy_rather_than_zero():
     torch.manual_seed(0)
     model = create_model("resnet20", num_classes=10, in_chans=1).eval()

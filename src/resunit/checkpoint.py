@@ -29,7 +29,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a checkpoint file as plain tensors and containers; code in it is refused."""
     path = Path(path)
     if path.is_dir():
-        hint = " such as best.pt or last.pt in it" if (path / "best.pt").is_file() else ""
+        inside = [name for name in ("best.pt", "last.pt") if (path / name).is_file()]
+        hint = f" such as {' or '.join(inside)} in it" if inside else ""
         raise CheckpointError(f"{path} is a directory: give a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")

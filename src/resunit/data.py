@@ -300,8 +300,19 @@ def _read_pickle(path: Path) -> Any:
         raise DatasetError(f"{path} is not a valid CIFAR python batch: {exc}") from None
 
 
+def default_data_root(name: str) -> str | None:
+    """Where ``name`` is read from when no root is given: ``$RESUNIT_DATA`` or ``data`` for
+    the CIFAR sets; None for those that need none (digits, synthetic) or must be told
+    (imagefolder)."""
+    return _cifar_root() if name in ("cifar10", "cifar100") else None
+
+
+def _cifar_root() -> str:
+    return os.environ.get("RESUNIT_DATA", "data")
+
+
 def _load_cifar(name: str, split: str, root: str | None) -> ImageDataset:
-    base = Path(root or os.environ.get("RESUNIT_DATA", "data")) / name
+    base = Path(root or _cifar_root()) / name
     candidates = [base, base.parent]
     layout = None
     for directory in candidates:
@@ -722,6 +733,7 @@ __all__ = [
     "augment",
     "channel_stats",
     "cutout",
+    "default_data_root",
     "download_dataset",
     "load_dataset",
     "normalize",

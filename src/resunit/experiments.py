@@ -200,21 +200,27 @@ def _check_same_experiment(out: Path, settings: dict[str, Any]) -> None:
 
 
 def _changed_settings(previous: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The names of the settings that differ; a recipe entry only when no top-level option
-    already names the change (``--epochs`` sets both ``epochs`` and the recipe's)."""
-    changed = sorted(k for k in now.keys() | previous.keys() if previous.get(k) != now.get(k))
-    if "recipe" not in changed:
-        return changed
+    """The names of the settings that differ, as the user set them (``lr``, not
+    ``train_options``); a recipe entry (``recipe.momentum``) only when no option already
+    names the change (``--epochs`` sets both ``epochs`` and the recipe's)."""
+
+    def as_given(settings: dict[str, Any]) -> dict[str, Any]:
+        given = {k: v for k, v in settings.items() if k not in ("recipe", "train_options")}
+        options = settings.get("train_options")
+        return {**given, **options} if isinstance(options, dict) else given
+
+    old, new = as_given(previous), as_given(now)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     old_recipe, new_recipe = previous.get("recipe"), now.get("recipe")
-    if not isinstance(old_recipe, dict) or not isinstance(new_recipe, dict):
+    if old_recipe == new_recipe:
         return changed
-    top = set(changed)
-    inner = sorted(
+    if not isinstance(old_recipe, dict) or not isinstance(new_recipe, dict):
+        return [*changed, "recipe"]
+    return changed + sorted(
         f"recipe.{k}"
         for k in old_recipe.keys() | new_recipe.keys()
-        if old_recipe.get(k) != new_recipe.get(k) and k not in top
+        if old_recipe.get(k) != new_recipe.get(k) and k not in changed
     )
-    return [k for k in changed if k != "recipe"] + inner
 
 
 def train_network(

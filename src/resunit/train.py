@@ -39,7 +39,7 @@ from resunit.checkpoint import (
     require_config_fields,
     save_checkpoint,
 )
-from resunit.data import ImageDataset, augment, load_dataset, normalize
+from resunit.data import ImageDataset, augment, default_data_root, load_dataset, normalize
 from resunit.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from resunit.models import create_model, dtype_and_device
 from resunit.outputs import check_output_location, prepare_output_dir, write_json, write_jsonl
@@ -379,6 +379,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Accuracy, mean loss, per-class accuracy and confusion matrix (rows: true class).
 
+    A class with no images in ``dataset`` has per-class accuracy None (unknown, not 0%).
+
     ``model`` is any module mapping a batch to one logit per class of ``dataset``, including
     parameter-free ones such as :class:`resunit.deploy.OnnxRuntimeModel`. Batches go to
     ``device``, by default the model's (CPU when it has no parameters or buffers). Its
@@ -521,31 +523,27 @@ def _new_run_dir(config: TrainConfig) -> Path:
     return Path("runs") / f"{config.data}-{config.model}-{stamp}"
 
 
-# What a run writes into its directory (see _RunWriter and the checkpoints in _train).
+# What a run writes into its directory (see _RunWriter and the checkpoints in _run).
 RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "summary.json")
 
 
-def _check_run_dir(run_dir: Path, config: TrainConfig) -> None:
+def _check_run_dir(run_dir: Path, config: TrainConfig, resuming: bool) -> None:
     """Refuse, before any work and without creating anything, a run directory whose files
     could never be written, or one that holds an experiment (both write ``summary.json``)."""
     check_output_location(run_dir, "--out", kind="directory")
+    other_out = "choose another output directory (out=, or --out)"
     if (run_dir / "experiment.json").exists():
+        what = "it cannot be resumed as a training run" if resuming else other_out
         raise ConfigError(
-            f"{run_dir} holds an experiment (experiment.json, from `resunit experiment`): "
-            "choose another output directory (out=, or --out)"
+            f"{run_dir} holds an experiment (experiment.json, from `resunit experiment`): {what}"
         )
+    fix = "remove it to resume" if resuming else f"remove it or {other_out}"
     for name in RUN_FILES:
         if (run_dir / name).is_dir():
-            raise ConfigError(
-                f"{run_dir / name} is a directory where the run writes a file; remove it or "
-                "choose another output directory (out=, or --out)"
-            )
+            raise ConfigError(f"{run_dir / name} is a directory where the run writes a file; {fix}")
     board = run_dir / "tensorboard"
     if config.tensorboard and board.exists() and not board.is_dir():
-        raise ConfigError(
-            f"{board} is a file where --tensorboard writes its logs; remove it or choose "
-            "another output directory (out=, or --out)"
-        )
+        raise ConfigError(f"{board} is a file where --tensorboard writes its logs; {fix}")
 
 
 def load_data(config: TrainConfig) -> tuple[ImageDataset, ImageDataset | None, ImageDataset]:
@@ -593,12 +591,7 @@ def load_run_data(
     try:
         dataset = load_dataset(data, split, root, **options)
     except DatasetError as exc:
-        if not recorded_root or Path(root).exists():
-            raise
-        raise DatasetError(
-            f"{exc} (the data root the run was trained with is gone; give its new place with "
-            "data_root=, or --data-root)"
-        ) from None
+        raise _moved_data(exc, root if recorded_root else None) from None
     if dataset.num_classes != config["num_classes"] or dataset.in_chans != config["in_chans"]:
         raise DatasetError(
             f"{data} has {dataset.num_classes} classes × {dataset.in_chans} channels but the "
@@ -614,6 +607,18 @@ def load_run_data(
     return dataset
 
 
+def _moved_data(exc: DatasetError, recorded_root: str | None) -> DatasetError:
+    """``exc`` again, saying how to point at the run's data when its recorded root is gone."""
+    if not recorded_root or Path(recorded_root).exists():
+        return exc
+    # Runs recorded before 2026-11-29 hold the root as typed, relative to where they ran.
+    where = "is gone" if Path(recorded_root).is_absolute() else "is relative to where it ran"
+    return DatasetError(
+        f"{exc} (the run's data root {recorded_root} {where}; give its place with data_root=, "
+        "or --data-root)"
+    )
+
+
 def _names(names: list[str], limit: int = 6) -> str:
     return ", ".join(names[:limit]) + (f" … ({len(names)})" if len(names) > limit else "")
 
@@ -625,8 +630,7 @@ def checkpoint_config(
     rebuild the model and feed it (classes, channels, input size, normalisation)."""
     return {
         **config.to_dict(),
-        # Absolute, so that eval, analyze and export find the data from any directory.
-        "data_root": str(Path(config.data_root).resolve()) if config.data_root else None,
+        "data_root": _recorded_data_root(config),
         "num_classes": train_set.num_classes,
         "in_chans": train_set.in_chans,
         "input_size": input_size,
@@ -638,8 +642,19 @@ def checkpoint_config(
     }
 
 
+def _recorded_data_root(config: TrainConfig) -> str | None:
+    # Absolute (not resolved: a symlinked data folder stays the link), so that eval, analyze
+    # and export find the data from any directory; a dataset's default root too.
+    root = config.data_root or default_data_root(config.data)
+    return str(Path(root).absolute()) if root else None
+
+
 def train(
-    config: TrainConfig | None, progress: bool = True, resume: str | os.PathLike[str] | None = None
+    config: TrainConfig | None,
+    progress: bool = True,
+    resume: str | os.PathLike[str] | None = None,
+    *,
+    data_root: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train ``config`` (or continue the run in directory ``resume``) and return a summary.
 
@@ -650,13 +665,16 @@ def train(
 
     With ``resume``, the run continues with the options saved in its directory; ``config``
     may be None and is not used then (other options would break the exact continuation).
+    Only ``data_root`` may be given with it: where the run's data is now, if it moved.
 
     ``config.threads`` (the digits recipe sets 1) holds only while training: torch's thread
     count is restored when this returns or raises, so a caller's later work is not left on
     one thread. ``threads=0`` keeps the caller's setting throughout.
     """
+    if data_root is not None and resume is None:
+        raise ConfigError("data_root= is for resume=; a new run takes config.data_root")
     with restore_torch_threads():
-        return _train(config, progress, resume)
+        return _train(config, progress, resume, data_root)
 
 
 @contextlib.contextmanager
@@ -672,7 +690,10 @@ def restore_torch_threads() -> Iterator[None]:
 
 
 def _train(
-    config: TrainConfig | None, progress: bool, resume: str | os.PathLike[str] | None
+    config: TrainConfig | None,
+    progress: bool,
+    resume: str | os.PathLike[str] | None,
+    data_root: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     state = None
     if resume is None and not isinstance(config, TrainConfig):
@@ -692,6 +713,8 @@ def _train(
         saved = {k: v for k, v in state["config"].items() if k in names}
         config = TrainConfig(**saved)
         config.out = str(run_dir)
+        if data_root is not None:
+            config.data_root = str(data_root)
     else:
         validate_config(config)
         run_dir = _new_run_dir(config)
@@ -700,8 +723,37 @@ def _train(
                 f"{run_dir} already holds a run: continue it (resume=, or --resume {run_dir}) or "
                 "choose another output directory (out=, or --out)"
             )
-    _check_run_dir(run_dir, config)
+    _check_run_dir(run_dir, config, resuming=state is not None)
+    # Created (and write-tested) here, by every process before they group under torchrun, so
+    # that a place that takes no files stops them all at once: were rank 0 alone to find out
+    # later, the other ranks would wait for it in their first collective. A run that fails
+    # before writing anything removes the folders it made.
+    created = _create_run_dir(run_dir)
+    with _removed_if_left_empty(created):
+        return _run(config, state, run_dir, progress)
 
+
+def _create_run_dir(run_dir: Path) -> list[Path]:
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    with _removed_if_left_empty(created):  # e.g. made a/b, then a/b/run took no file
+        prepare_output_dir(run_dir, RUN_FILES)
+    return created
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(folders: list[Path]) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        for folder in folders:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if still empty
+        raise
+
+
+def _run(
+    config: TrainConfig, state: dict[str, Any] | None, run_dir: Path, progress: bool
+) -> dict[str, Any]:
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
@@ -715,7 +767,10 @@ def _train(
             f"the same number (now {dist_info.world_size})"
         )
 
-    train_set, val_set, test_set = load_data(config)
+    try:
+        train_set, val_set, test_set = load_data(config)
+    except DatasetError as exc:
+        raise _moved_data(exc, config.data_root if state is not None else None) from None
     torch.manual_seed(config.seed)
     model = create_model(
         config.model,
@@ -1058,7 +1113,6 @@ class _RunWriter:
         if not enabled:
             return
         summary_writer = _tensorboard_writer_class() if config.tensorboard else None
-        prepare_output_dir(run_dir, RUN_FILES)  # creatable and writable: checked before training
         write_json(run_dir / "config.json", model_config)
         if summary_writer is not None:
             self.tb = summary_writer(str(run_dir / "tensorboard"))

@@ -12,9 +12,10 @@ import torch
 from tqdm import tqdm
 
 from resunit.analysis import shape_text
+from resunit.atomic import atomic_path
 from resunit.cli.common import add_json_flag, comma_separated, format_table, print_json
 from resunit.errors import ConfigError
-from resunit.outputs import atomic_output, prepare_output_file
+from resunit.outputs import prepare_output_file
 
 DEFAULT_CALIBRATION_BATCHES = 8
 CALIBRATION_BATCH_SIZE = 32
@@ -108,6 +109,8 @@ def run_export(args: argparse.Namespace) -> int:
 
     if args.calibration_batches < 1:
         raise ConfigError("--calibration-batches must be at least 1")
+    if args.data_root and not args.int8:
+        raise ConfigError("--data-root is for --int8, which reads the run's images")
     deploy._require_onnx()  # fail before any work when the extra is missing
     # int8 feeds it the run's images: calibration and the accuracy before and after.
     model, config = load_model(args.checkpoint, needs=FEEDING_FIELDS if args.int8 else ())
@@ -124,8 +127,9 @@ def run_export(args: argparse.Namespace) -> int:
         "dynamic_batch": bool(args.dynamic_batch or args.int8),
     }
     # Written beside `out` and renamed only once checked: a failed check leaves no file, and
-    # an earlier good export at that path stays as it was.
-    with atomic_output(out) as tmp:
+    # an earlier good export at that path stays as it was. (Not outputs.atomic_output: it would
+    # call any OSError in here, reading the int8 data included, a failure to write `out`.)
+    with atomic_path(out) as tmp:
         if not args.int8:
             deploy.export_onnx(model, tmp, input_shape, dynamic_batch=args.dynamic_batch)
             batch_sizes = (1, 3) if args.dynamic_batch else (1,)
@@ -243,6 +247,8 @@ def _parse_batches(text: str) -> list[int]:
         batches = []
     if not batches or min(batches) < 1:
         raise ConfigError(f"--batch takes positive integers separated by commas, got {text!r}")
+    if len(set(batches)) < len(batches):  # "1,01": the same batch twice
+        raise ConfigError(f"--batch names a batch size more than once: {text!r}")
     return batches
 
 

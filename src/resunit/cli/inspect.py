@@ -137,7 +137,7 @@ def _build_for_inspection(
 ) -> tuple[Any, tuple[int, int, int] | None, str]:
     import torch
 
-    from resunit.checkpoint import load_model
+    from resunit.checkpoint import load_model, read_checkpoint
     from resunit.models import create_model, list_models
 
     if Path(name).suffix in (".pt", ".pth") or Path(name).is_file():
@@ -147,7 +147,7 @@ def _build_for_inspection(
             shape = (model.in_chans, size, size)
         return model, shape, f"{config['model']} ({name})"
     if name not in list_models() and Path(name).is_dir():  # a run directory, most likely
-        load_model(name)  # raises, naming the checkpoint file to give instead
+        read_checkpoint(name)  # refuses a directory, naming the checkpoint file to give instead
     # Built on the meta device: no memory and no time, even for resnet1202 or wrn_28_10.
     with torch.device("meta"):
         model = create_model(name, in_chans=shape[0] if shape else None)

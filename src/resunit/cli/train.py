@@ -47,7 +47,12 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         help="named preset of hyper-parameters (default: fast on digits, he2015 on CIFAR)",
     )
     g.add_argument("--out", help="run directory (default runs/DATA-MODEL-TIMESTAMP)")
-    g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from last.pt")
+    g.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from last.pt, with its own settings (only --data-root "
+        "may be given: where its data is now)",
+    )
     g = p.add_argument_group("schedule")
     g.add_argument(
         "--epochs",
@@ -187,7 +192,12 @@ def run_train(args: argparse.Namespace) -> int:
     retain_freed_memory()
 
     if args.resume:
-        given = [name for name in _TRAIN_OPTIONS if getattr(args, name) is not None]
+        # --data-root may change: where the data now lives does not change the continuation.
+        given = [
+            name
+            for name in _TRAIN_OPTIONS
+            if getattr(args, name) is not None and name != "data_root"
+        ]
         given += ["data_option"] * bool(args.data_options)
         if given or args.recipe:
             options = ", ".join(
@@ -197,7 +207,10 @@ def run_train(args: argparse.Namespace) -> int:
                 f"--resume continues with the run's own settings (its config.json); drop {options}"
             )
         summary = train(
-            TrainConfig(), progress=not args.no_progress and not args.json, resume=args.resume
+            TrainConfig(),
+            progress=not args.no_progress and not args.json,
+            resume=args.resume,
+            data_root=args.data_root,
         )
     else:
         options = {name: getattr(args, name) for name in _TRAIN_OPTIONS}
