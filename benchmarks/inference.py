@@ -145,7 +145,8 @@ def int8_accuracy(epochs: int, threads: int) -> dict[str, Any]:
             raise SystemExit(f"resunit export --int8 failed with exit code {code}")
         result = json.loads(buffer.getvalue())
         if deploy.pt2e_available():
-            result["accuracy_int8_pt2e"] = pt2e_accuracy(checkpoint)
+            pt2e = pt2e_accuracy(checkpoint)
+            result["accuracy_int8_pt2e"], result["top1_agreement_pt2e"] = pt2e
     result["train_epochs"] = epochs
     result["train_test_accuracy"] = summary["test_accuracy"]
     result["command"] = (
@@ -155,12 +156,13 @@ def int8_accuracy(epochs: int, threads: int) -> dict[str, Any]:
     return result
 
 
-def pt2e_accuracy(checkpoint: Path) -> float:
-    """Test accuracy of the PT2E int8 model, calibrated on the same images as the CLI's."""
+def pt2e_accuracy(checkpoint: Path) -> tuple[float, float]:
+    """Test accuracy of the PT2E int8 model, calibrated on the same images as the CLI's, and
+    how often it predicts the float32 model's class."""
     from resunit.checkpoint import load_model
     from resunit.cli.deploy import CALIBRATION_BATCH_SIZE, DEFAULT_CALIBRATION_BATCHES
     from resunit.data import load_dataset
-    from resunit.train import evaluate, prepare_batch
+    from resunit.train import evaluate, prepare_batch, top1_agreement
 
     model, config = load_model(checkpoint)
     train_set = load_dataset(config["data"], "train")
@@ -173,7 +175,8 @@ def pt2e_accuracy(checkpoint: Path) -> float:
         for i in chosen.split(CALIBRATION_BATCH_SIZE)
     ]
     int8 = deploy.quantize_pt2e(model, batches)
-    return evaluate(int8, test_set, input_size=size, device="cpu")["accuracy"]
+    accuracy = evaluate(int8, test_set, input_size=size, device="cpu")["accuracy"]
+    return accuracy, top1_agreement(int8, model, test_set, input_size=size)
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -283,8 +286,10 @@ def main() -> None:
         pt2e = accuracy.get("accuracy_int8_pt2e")
         print(f"int8 accuracy on digits test ({accuracy['test_images']} images): "
               f"float32 {accuracy['accuracy_float32']:.2%} → ONNX Runtime int8 "
-              f"{accuracy['accuracy_int8']:.2%}"
-              + (f", PT2E int8 {pt2e:.2%}" if pt2e is not None else ""))  # fmt: skip
+              f"{accuracy['accuracy_int8']:.2%} (same class as float32: "
+              f"{accuracy['top1_agreement']:.2%})"
+              + (f", PT2E int8 {pt2e:.2%} (same class: {accuracy['top1_agreement_pt2e']:.2%})"
+                 if pt2e is not None else ""))  # fmt: skip
     print(f"wrote {out}")
 
 

@@ -70,6 +70,9 @@ def test_export_int8_reports_accuracy_before_and_after(checkpoint, tmp_path, cap
     assert out.is_file() and result["format"].startswith("int8")
     assert result["calibration_images"] == 64 and result["test_images"] == 360
     assert 0.0 <= result["accuracy_float32"] <= 1.0 and 0.0 <= result["accuracy_int8"] <= 1.0
+    # Accuracies can differ by no more than the share of images where the two disagree.
+    disagreement = 1 - result["top1_agreement"]
+    assert abs(result["accuracy_int8"] - result["accuracy_float32"]) <= disagreement + 1e-12
 
 
 def test_export_data_root_without_int8_is_refused_rather_than_ignored(checkpoint, capsys):

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 from sklearn.metrics import confusion_matrix
+from torch import nn
 
 from resunit import deploy
 from resunit.checkpoint import load_model, read_checkpoint
@@ -26,6 +27,7 @@ from resunit.train import (
     prepare_batch,
     read_metrics,
     shard_indices,
+    top1_agreement,
     train,
     weights_digest,
 )
@@ -194,6 +196,23 @@ def test_the_recorded_data_root_is_absolute_so_any_directory_finds_it(
         monkeypatch.delenv("RESUNIT_DATA", raising=False)
     config = TrainConfig(data=data, data_root=data_root)
     assert _recorded_data_root(config) == (str(tmp_path / expected) if expected else None)
+
+
+def test_top1_agreement_counts_the_images_where_two_models_pick_the_same_class():
+    test = load_dataset("digits", "test")
+    torch.manual_seed(0)
+    # Random linear maps of the pixels: their picks vary from image to image (an untrained
+    # ResNet tends to pick one class for every image).
+    first = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    second = nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.Dropout(0.9)).train()
+    with torch.no_grad():
+        x = prepare_batch(test.images, test.mean, test.std)
+        same = (first(x).argmax(1) == second.eval()(x).argmax(1)).double().mean().item()
+    second.train()
+    assert 0 < same < 1  # two random networks: some agreement, not all
+    assert top1_agreement(first, second, test, batch_size=64) == pytest.approx(same)
+    assert second.training and not first.training  # modes as they were
+    assert top1_agreement(first, first, test) == 1.0
 
 
 def test_a_class_with_no_test_images_has_no_accuracy_rather_than_zero():

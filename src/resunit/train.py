@@ -425,10 +425,7 @@ def _confusion_and_loss(
     k = dataset.num_classes
     confusion = torch.zeros(k, k, dtype=torch.int64)
     loss_sum = 0.0
-    for start in range(0, len(dataset), batch_size):
-        images = dataset.images[start : start + batch_size].to(device)
-        labels = dataset.labels[start : start + batch_size].to(device)
-        x = prepare_batch(images, dataset.mean, dataset.std, input_size, channels_last)
+    for x, labels in _batches(dataset, batch_size, input_size, device, channels_last):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
         if logits.ndim != 2 or logits.shape[1] != k:
@@ -441,6 +438,50 @@ def _confusion_and_loss(
         predicted = logits.argmax(1)
         confusion += torch.bincount(labels.cpu() * k + predicted.cpu(), minlength=k * k).view(k, k)
     return confusion, loss_sum
+
+
+def _batches(
+    dataset: ImageDataset,
+    batch_size: int,
+    input_size: int | None,
+    device: torch.device,
+    channels_last: bool = False,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(normalised images, labels) of ``dataset`` in order, ``batch_size`` at a time."""
+    for start in range(0, len(dataset), batch_size):
+        images = dataset.images[start : start + batch_size].to(device)
+        labels = dataset.labels[start : start + batch_size].to(device)
+        yield prepare_batch(images, dataset.mean, dataset.std, input_size, channels_last), labels
+
+
+@torch.no_grad()
+def top1_agreement(
+    model: nn.Module,
+    reference: nn.Module,
+    dataset: ImageDataset,
+    batch_size: int = 500,
+    *,
+    input_size: int | None = None,
+) -> float:
+    """The fraction of ``dataset``'s images on which ``model`` and ``reference`` predict the
+    same class, on the CPU: how often a quantized or exported model decides as its original.
+
+    Bounds the accuracy difference of the two (it can be no larger than ``1 − agreement``)
+    and, unlike it, still says something when both are 100% right.
+    """
+    batch_size = _require_int("batch size", batch_size, 1)
+    modes = [(m, m.training) for m in (model, reference)]
+    same = total = 0
+    try:
+        for m, _ in modes:
+            m.eval()
+        for x, _ in _batches(dataset, batch_size, input_size, torch.device("cpu")):
+            same += int((model(x).argmax(1) == reference(x).argmax(1)).sum())
+            total += len(x)
+    finally:
+        for m, training in modes:
+            m.train(training)
+    return same / max(total, 1)
 
 
 def _outputs_text(logits: Tensor) -> str:
@@ -1229,6 +1270,7 @@ __all__ = [
     "restore_torch_threads",
     "setup_distributed",
     "shard_indices",
+    "top1_agreement",
     "train",
     "validate_config",
     "weights_digest",

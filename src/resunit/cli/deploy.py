@@ -164,7 +164,8 @@ def run_export(args: argparse.Namespace) -> int:
         print(
             f"int8: calibrated on {result['calibration_images']} {result['dataset']} training "
             f"images; test accuracy {before:.2%} float32 → {after:.2%} int8 "
-            f"({(after - before) * 100:+.2f} points, {result['test_images']} images)"
+            f"({(after - before) * 100:+.2f} points, {result['test_images']} images); the two "
+            f"predict the same class for {result['top1_agreement']:.2%} of them"
         )
     return 0
 
@@ -190,7 +191,7 @@ def _export_int8(
     data_root: str | None,
 ) -> dict[str, Any]:
     from resunit import deploy
-    from resunit.train import evaluate, load_run_data, prepare_batch
+    from resunit.train import evaluate, load_run_data, prepare_batch, top1_agreement
 
     # The data as the run saw it: same options and partition, its training normalisation.
     train_set = load_run_data(config, "train", root=data_root)
@@ -213,6 +214,8 @@ def _export_int8(
     int8_model = deploy.quantize(model, batches, out, method=method)
     before = evaluate(model, test_set, input_size=input_size, device="cpu")
     after = evaluate(int8_model, test_set, input_size=input_size, device="cpu")
+    # Still informative where both are (nearly) always right, as on the digits.
+    agreement = top1_agreement(int8_model, model, test_set, input_size=input_size)
     summary = _check_summary(out, check)
     summary.update(
         {
@@ -224,6 +227,7 @@ def _export_int8(
             "test_images": before["count"],
             "accuracy_float32": before["accuracy"],
             "accuracy_int8": after["accuracy"],
+            "top1_agreement": agreement,
         }
     )
     return summary
