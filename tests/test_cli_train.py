@@ -378,6 +378,14 @@ def test_non_finite_loss_is_one_line_naming_the_step(tmp_path, capsys):
     assert "at step" in line and "last good checkpoint" in line
 
 
+def test_a_loss_gone_to_nan_before_the_first_checkpoint_leaves_nothing(tmp_path, capsys):
+    # Without this the run directory kept config.json (and metrics), which `report` showed.
+    out = tmp_path / "runs" / "nan"
+    assert main(["train", *QUICK, "--epochs", "1", "--lr", "1e6", "--out", str(out)]) == 2
+    assert "before its first checkpoint, so it kept nothing" in _error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_data_download_from_a_local_archive(tmp_path, capsys):
     folder = tmp_path / "src" / "cifar-10-batches-py"
     folder.mkdir(parents=True)

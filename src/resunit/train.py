@@ -767,28 +767,38 @@ def _train(
     _check_run_dir(run_dir, config, resuming=state is not None)
     # Created (and write-tested) here, by every process before they group under torchrun, so
     # that a place that takes no files stops them all at once: were rank 0 alone to find out
-    # later, the other ranks would wait for it in their first collective. A run that fails
-    # before writing anything removes the folders it made.
+    # later, the other ranks would wait for it in their first collective.
     created = _create_run_dir(run_dir)
-    with _removed_if_left_empty(created):
+    with _cleared_if_no_checkpoint(run_dir, created):
         return _run(config, state, run_dir, progress)
 
 
 def _create_run_dir(run_dir: Path) -> list[Path]:
     created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
-    with _removed_if_left_empty(created):  # e.g. made a/b, then a/b/run took no file
+    with _cleared_if_no_checkpoint(run_dir, created):  # e.g. made a/b, a/b/run took no file
         prepare_output_dir(run_dir, RUN_FILES)
     return created
 
 
+# What a run writes before its first checkpoint; without one they describe no run.
+_BEFORE_CHECKPOINT = ("config.json", "metrics.jsonl", "curves.png")
+
+
 @contextlib.contextmanager
-def _removed_if_left_empty(folders: list[Path]) -> Iterator[None]:
+def _cleared_if_no_checkpoint(run_dir: Path, created: list[Path]) -> Iterator[None]:
+    """A run that fails before its first checkpoint (bad data, a loss gone to NaN in the first
+    epoch) leaves nothing: the files it began with and the folders it made, if then empty;
+    `report` would otherwise show a run that never was."""
     try:
         yield
     except BaseException:
-        for folder in folders:  # innermost first
+        if not (run_dir / "last.pt").exists():
+            for name in _BEFORE_CHECKPOINT:
+                with contextlib.suppress(OSError):
+                    (run_dir / name).unlink()
+        for folder in created:  # innermost first
             with contextlib.suppress(OSError):
-                folder.rmdir()  # only if still empty
+                folder.rmdir()  # only if now empty
         raise
 
 
@@ -1102,7 +1112,7 @@ def _non_finite_message(loss: float, step: int, epoch: int, run_dir: Path) -> st
     where = f"{whose} at step {step} (epoch {epoch + 1}); training stopped"
     if (run_dir / "last.pt").exists():
         return f"{where}, last good checkpoint kept in {run_dir / 'last.pt'} ({LOWER_LR_HINT})"
-    return f"{where} before any checkpoint was written ({LOWER_LR_HINT})"
+    return f"{where} before its first checkpoint, so it kept nothing ({LOWER_LR_HINT})"
 
 
 def _stop_requested(
