@@ -603,7 +603,7 @@ def test_onednn_graph_traces_a_bounded_number_of_shapes_and_runs_later_ones_eage
     model = _model("resnet20")
     fast = optimize(model, channels_last=True, compile="onednn_graph")
     x = _input("resnet20", batch=3)
-    with pytest.warns(UserWarning, match="traced 2 input shapes") as caught:
+    with pytest.warns(UserWarning, match="traced 2 input shapes and thread counts") as caught:
         for size in (1, 2, 3, 1, 3):
             out = fast(x[:size])  # outside no_grad: the model runs without autograd anyway
             assert not out.requires_grad
@@ -612,6 +612,24 @@ def test_onednn_graph_traces_a_bounded_number_of_shapes_and_runs_later_ones_eage
     assert len(caught) == 1  # once, not on every call
     assert caught[0].filename == __file__  # points at the caller's line
     assert [key[0][0] for key in fast.graphs] == [1, 2]
+
+
+@needs_onednn_graph
+def test_onednn_graph_traces_again_for_another_thread_count():
+    # oneDNN Graph compiles for the trace's thread count and keeps it: a graph traced on one
+    # thread ran at one thread's speed when called on two (measured; see OneDnnGraphModel).
+    model = _model("resnet20")
+    fast = optimize(model, channels_last=True, compile="onednn_graph")
+    x = _input("resnet20")
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 1):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                assert relative_difference(fast(x), model(x)) <= 1e-5
+    finally:
+        torch.set_num_threads(threads)
+    assert [key[-1] for key in fast.graphs] == [1, 2]  # the third call reused the first
 
 
 @needs_onednn_graph

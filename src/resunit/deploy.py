@@ -480,15 +480,16 @@ class OneDnnGraphModel(InferenceModel):
     kernel (profiled at ResNet-20 batch 1: ~53 µs per conv call, of which oneDNN reports
     ~20 µs executing): at batch 1 that overhead is most of a ResNet-20's time.
 
-    Each input shape (with its strides, dtype and device) gets its own trace, made on the first
-    call with that shape and warmed up before that call returns, so the first result already
-    comes from the fused graph. Knowing the shape lets a plain ResNet's pool + classifier head
-    run as one convolution there (``_HeadAsConvolution`` in this module). The first
-    :data:`MAX_ONEDNN_GRAPHS` shapes are traced; later ones run the folded model eagerly (with
-    a warning, once, and without waiting for other threads' traces): each trace took ~55 MB
-    more memory for a ResNet-50, and in a test during review a dropped trace's memory did not
-    come back (~13 MB per ResNet-20 trace, after gc and malloc_trim), so a model fed ever-new
-    shapes must stop tracing rather than replace old traces.
+    Each input shape (with its strides, dtype and device) and torch thread count gets its own
+    trace, made on the first call with that shape and warmed up before that call returns, so
+    the first result already comes from the fused graph. Knowing the shape lets a plain
+    ResNet's pool + classifier head run as one convolution there (``_HeadAsConvolution`` in
+    this module). The first :data:`MAX_ONEDNN_GRAPHS` of these are traced; later ones run the
+    folded model eagerly (with a warning, once, and without waiting for other threads'
+    traces): each trace took ~55 MB more memory for a ResNet-50, and in a test during review
+    a dropped trace's memory did not come back (~13 MB per ResNet-20 trace, after gc and
+    malloc_trim), so a model fed ever-new shapes must stop tracing rather than replace old
+    traces.
     PyTorch has deprecated TorchScript; :func:`onednn_graph_works` says whether this still works
     in the installed version.
 
@@ -510,14 +511,18 @@ class OneDnnGraphModel(InferenceModel):
 
     def __init__(self, model: nn.Module, channels_last: bool) -> None:
         super().__init__(model, channels_last)
-        # (shape, strides, dtype, device) → warm traced graph, in the order first seen.
+        # (shape, strides, dtype, device, threads) → warm traced graph, in the order first seen.
         self.graphs: dict[tuple[Any, ...], torch.jit.ScriptModule] = {}
         self._warned_untraced = False
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        key = _input_signature(x)
+        # oneDNN Graph compiles its partitions for the thread count of the trace, and they keep
+        # it: traced on one thread and called on two, a ResNet-20 ran at one thread's speed
+        # (425 vs 319 µs at batch 1); traced on two and called on one, it still used more
+        # than one (354 µs against 422 for a trace on one). So each thread count gets its own.
+        key = (*_input_signature(x), torch.get_num_threads())
         graph = self.graphs.get(key)
         with torch.no_grad():
             if graph is None and len(self.graphs) < MAX_ONEDNN_GRAPHS:
@@ -549,8 +554,8 @@ class OneDnnGraphModel(InferenceModel):
         if not self._warned_untraced:
             self._warned_untraced = True
             warnings.warn(
-                f"this oneDNN Graph model has traced {MAX_ONEDNN_GRAPHS} input shapes "
-                "(MAX_ONEDNN_GRAPHS); further shapes run the folded model unfused",
+                f"this oneDNN Graph model has traced {MAX_ONEDNN_GRAPHS} input shapes and thread "
+                "counts (MAX_ONEDNN_GRAPHS); further ones run the folded model unfused",
                 # Points at the caller's line: here ← forward ← Module._call_impl ←
                 # Module._wrapped_call_impl ← the caller.
                 stacklevel=5,
