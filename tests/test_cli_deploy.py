@@ -71,6 +71,7 @@ def test_export_int8_reports_accuracy_before_and_after(checkpoint, tmp_path, cap
     assert result["calibration_images"] == 64 and result["test_images"] == 360
     assert 0.0 <= result["accuracy_float32"] <= 1.0 and 0.0 <= result["accuracy_int8"] <= 1.0
     # Accuracies can differ by no more than the share of images where the two disagree.
+    assert 0.0 <= result["top1_agreement"] <= 1.0
     disagreement = 1 - result["top1_agreement"]
     assert abs(result["accuracy_int8"] - result["accuracy_float32"]) <= disagreement + 1e-12
 

@@ -254,8 +254,16 @@ def _files_under(path: Path) -> set[Path]:
         ("metrics.jsonl/", (), "metrics.jsonl is a directory where the run writes a file"),
         ("tensorboard", ("--tensorboard",), "tensorboard is a file where --tensorboard writes"),
         ("experiment.json", (), "holds an experiment (experiment.json"),
+        # Not this run's: kept, since a failed start removes the config.json it wrote.
+        ("config.json", (), "holds config.json of another run: remove them or choose"),
     ],
-    ids=["best-pt-a-folder", "metrics-a-folder", "tensorboard-a-file", "an-experiment"],
+    ids=[
+        "best-pt-a-folder",
+        "metrics-a-folder",
+        "tensorboard-a-file",
+        "an-experiment",
+        "another-run-s-config",
+    ],
 )
 def test_an_out_whose_files_cannot_be_written_is_refused_before_training(
     tmp_path, capsys, occupant, option, expected
@@ -382,7 +390,7 @@ def test_a_loss_gone_to_nan_before_the_first_checkpoint_leaves_nothing(tmp_path,
     # Without this the run directory kept config.json (and metrics), which `report` showed.
     out = tmp_path / "runs" / "nan"
     assert main(["train", *QUICK, "--epochs", "1", "--lr", "1e6", "--out", str(out)]) == 2
-    assert "before its first checkpoint, so it kept nothing" in _error_line(capsys)
+    assert "before its first checkpoint" in _error_line(capsys)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -213,6 +213,10 @@ def test_top1_agreement_counts_the_images_where_two_models_pick_the_same_class()
     assert top1_agreement(first, second, test, batch_size=64) == pytest.approx(same)
     assert second.training and not first.training  # modes as they were
     assert top1_agreement(first, first, test) == 1.0
+    # Outputs that are not one logit per class are refused, not compared along some axis.
+    three_classes = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    with pytest.raises(ConfigError, match="gives 3 outputs per image but digits has 10"):
+        top1_agreement(first, three_classes, test)
 
 
 def test_a_class_with_no_test_images_has_no_accuracy_rather_than_zero():

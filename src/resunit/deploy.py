@@ -563,7 +563,8 @@ class OneDnnGraphModel(InferenceModel):
 
 
 MAX_ONEDNN_GRAPHS = 8
-"""How many input shapes one :class:`OneDnnGraphModel` traces (later ones run eagerly)."""
+"""How many (input shape, thread count) pairs one :class:`OneDnnGraphModel` traces; later
+ones run eagerly."""
 
 
 class _HeadAsConvolution(nn.Module):

@@ -427,13 +427,7 @@ def _confusion_and_loss(
     loss_sum = 0.0
     for x, labels in _batches(dataset, batch_size, input_size, device, channels_last):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-        if logits.ndim != 2 or logits.shape[1] != k:
-            # Checked before the loss, whose own error names neither side's number of classes.
-            raise ConfigError(
-                f"the model gives {_outputs_text(logits)} per image but {dataset.name} has {k} "
-                "classes: evaluate a model built for this dataset's classes"
-            )
+            logits = _checked_logits(model(x), dataset)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
         predicted = logits.argmax(1)
         confusion += torch.bincount(labels.cpu() * k + predicted.cpu(), minlength=k * k).view(k, k)
@@ -464,10 +458,11 @@ def top1_agreement(
     input_size: int | None = None,
 ) -> float:
     """The fraction of ``dataset``'s images on which ``model`` and ``reference`` predict the
-    same class, on the CPU: how often a quantized or exported model decides as its original.
+    same class: how often a quantized or exported model decides as its original.
 
     Bounds the accuracy difference of the two (it can be no larger than ``1 − agreement``)
-    and, unlike it, still says something when both are 100% right.
+    and, unlike it, still says something when both are 100% right. Each model gets the
+    batches on its own device, as :func:`evaluate` does (CPU when it has no parameters).
     """
     batch_size = _require_int("batch size", batch_size, 1)
     modes = [(m, m.training) for m in (model, reference)]
@@ -476,12 +471,28 @@ def top1_agreement(
         for m, _ in modes:
             m.eval()
         for x, _ in _batches(dataset, batch_size, input_size, torch.device("cpu")):
-            same += int((model(x).argmax(1) == reference(x).argmax(1)).sum())
+            picks = [
+                _checked_logits(m(x.to(dtype_and_device(m)[1])), dataset).argmax(1).cpu()
+                for m, _ in modes
+            ]
+            same += int((picks[0] == picks[1]).sum())
             total += len(x)
     finally:
         for m, training in modes:
             m.train(training)
     return same / max(total, 1)
+
+
+def _checked_logits(logits: Tensor, dataset: ImageDataset) -> Tensor:
+    # Checked before the loss or argmax, whose own errors (or silent results) name neither
+    # side's number of classes.
+    k = dataset.num_classes
+    if logits.ndim != 2 or logits.shape[1] != k:
+        raise ConfigError(
+            f"the model gives {_outputs_text(logits)} per image but {dataset.name} has {k} "
+            "classes: evaluate a model built for this dataset's classes"
+        )
+    return logits
 
 
 def _outputs_text(logits: Tensor) -> str:
@@ -566,6 +577,8 @@ def _new_run_dir(config: TrainConfig) -> Path:
 
 # What a run writes into its directory (see _RunWriter and the checkpoints in _run).
 RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "summary.json")
+# What a run writes before its first checkpoint; without one they describe no run.
+_BEFORE_CHECKPOINT = ("config.json", "metrics.jsonl", "curves.png")
 
 
 def _check_run_dir(run_dir: Path, config: TrainConfig, resuming: bool) -> None:
@@ -577,6 +590,13 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, resuming: bool) -> None:
         what = "it cannot be resumed as a training run" if resuming else other_out
         raise ConfigError(
             f"{run_dir} holds an experiment (experiment.json, from `resunit experiment`): {what}"
+        )
+    # A run's first files without its checkpoint: another run's, which a new one would
+    # overwrite (and the cleanup of a failed start, below, delete).
+    leftovers = [name for name in _BEFORE_CHECKPOINT if (run_dir / name).is_file()]
+    if leftovers and not resuming:
+        raise ConfigError(
+            f"{run_dir} holds {', '.join(leftovers)} of another run: remove them or {other_out}"
         )
     fix = "remove it to resume" if resuming else f"remove it or {other_out}"
     for name in RUN_FILES:
@@ -780,19 +800,19 @@ def _create_run_dir(run_dir: Path) -> list[Path]:
     return created
 
 
-# What a run writes before its first checkpoint; without one they describe no run.
-_BEFORE_CHECKPOINT = ("config.json", "metrics.jsonl", "curves.png")
-
-
 @contextlib.contextmanager
 def _cleared_if_no_checkpoint(run_dir: Path, created: list[Path]) -> Iterator[None]:
     """A run that fails before its first checkpoint (bad data, a loss gone to NaN in the first
-    epoch) leaves nothing: the files it began with and the folders it made, if then empty;
-    `report` would otherwise show a run that never was."""
+    epoch) removes the files it began with, which `report` would show as a run that never
+    was, and the folders it made if they are then empty (a TensorBoard log stays). They can
+    only be this run's: a new run refuses a directory that already holds them."""
     try:
         yield
     except BaseException:
-        if not (run_dir / "last.pt").exists():
+        # Only the main process writes them; under torchrun another rank's failure must not
+        # delete what rank 0 has written while it goes on to its first checkpoint.
+        is_main = int(os.environ.get("RANK", "0")) == 0
+        if is_main and not (run_dir / "last.pt").exists():
             for name in _BEFORE_CHECKPOINT:
                 with contextlib.suppress(OSError):
                     (run_dir / name).unlink()
@@ -1112,7 +1132,7 @@ def _non_finite_message(loss: float, step: int, epoch: int, run_dir: Path) -> st
     where = f"{whose} at step {step} (epoch {epoch + 1}); training stopped"
     if (run_dir / "last.pt").exists():
         return f"{where}, last good checkpoint kept in {run_dir / 'last.pt'} ({LOWER_LR_HINT})"
-    return f"{where} before its first checkpoint, so it kept nothing ({LOWER_LR_HINT})"
+    return f"{where} before its first checkpoint ({LOWER_LR_HINT})"
 
 
 def _stop_requested(
