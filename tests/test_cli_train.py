@@ -211,6 +211,7 @@ def test_user_errors_are_one_line_and_exit_code_2(tmp_path, capsys, reference_ru
         (["train", "--device", "mps"], "unknown device"),
         (["train", "--data", "synthetic", "--data-option", "num_classes=0"], "num_classes"),
         (["train", "--data-option", "colour=3"], "takes no option"),
+        (["train", "--cutout", "100"], "cutout 100 is larger than the 8×8 training images"),
     ],
 )
 def test_bad_training_options_are_one_line_and_exit_code_2(argv, expected, capsys):

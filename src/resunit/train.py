@@ -842,6 +842,13 @@ def _run(
         train_set, val_set, test_set = load_data(config)
     except DatasetError as exc:
         raise _moved_data(exc, config.data_root if state is not None else None) from None
+    height, width = train_set.image_size
+    if config.cutout > min(height, width):  # checked here: the images' size is known now
+        raise ConfigError(
+            f"cutout {config.cutout} is larger than the {height}×{width} training images and "
+            "would blank most of every one (cutout=, or --cutout; DeVries & Taylor used half "
+            "the side)"
+        )
     torch.manual_seed(config.seed)
     model = create_model(
         config.model,
