@@ -25,6 +25,7 @@ from PIL import Image
 
 from resunit.checkpoint import load_model, read_checkpoint
 from resunit.cli import main
+from resunit.data import load_dataset
 from resunit.train import read_metrics, weights_digest
 
 # Small and quick, but long enough (45 steps per epoch) to be killed in the middle of one.
@@ -425,6 +426,32 @@ def test_data_download_from_a_local_archive(tmp_path, capsys):
     assert main([*bad[:4], str(tmp_path / "other"), *bad[5:]]) == 2
     assert "MD5" in _error_line(capsys)
     assert not (tmp_path / "other").exists() or not any((tmp_path / "other").iterdir())
+
+
+def test_data_download_goes_where_training_looks_by_default(tmp_path, capsys, monkeypatch):
+    # No --root: $RESUNIT_DATA, as `train --data cifar10` without --data-root reads it.
+    src = tmp_path / "src" / "cifar-10-batches-py"
+    src.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [0, 1]}
+        (src / name).write_bytes(pickle.dumps(batch, protocol=2))
+    (src / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a", b"b"]}))
+    archive = tmp_path / "cifar.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname="cifar-10-batches-py")
+    monkeypatch.setenv("RESUNIT_DATA", str(tmp_path / "shared"))
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    argv = ["data", "download", "cifar10", "--no-progress", "--url", archive.as_uri()]
+    assert main([*argv, "--md5", md5]) == 0
+    assert (tmp_path / "shared" / "cifar-10-batches-py" / "batches.meta").is_file()
+    assert len(load_dataset("cifar10", "test")) == 2  # found with no root given
+
+
+@pytest.mark.parametrize("argv", [[], ["data"]], ids=["resunit", "resunit-data"])
+def test_a_bare_command_prints_its_help_on_stderr_and_exits_2(argv, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("usage: resunit")
 
 
 DDP_SCRIPT = """

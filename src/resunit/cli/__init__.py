@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Name the command's own --help: that is where the options it takes are listed.
         _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "handler", None):
-        parser.print_help()
+        parser.print_help(sys.stderr)  # a usage error: stdout stays for results
         return 2
     return run_command(args.handler, args)
 

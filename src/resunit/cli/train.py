@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -406,20 +407,27 @@ def _register_data(subparsers: argparse._SubParsersAction) -> None:
         "there.",
     )
     d.add_argument("name", choices=sorted(DOWNLOADS), help="dataset")
-    d.add_argument("--root", default="data", help="directory to extract into (default data)")
+    d.add_argument(
+        "--root",
+        help="directory to extract into (default: $RESUNIT_DATA, else data; where training "
+        "looks when --data-root is not given)",
+    )
     d.add_argument("--url", help="download from this URL (a mirror) instead of the official one")
     d.add_argument("--md5", help="expected MD5 of the archive at --url")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(handler=run_download)
-    p.set_defaults(handler=lambda args: (p.print_help(), 2)[1])
+    # No subcommand is a usage error: the help goes to stderr, as every error does.
+    p.set_defaults(handler=lambda args: (p.print_help(sys.stderr), 2)[1])
 
 
 def run_download(args: argparse.Namespace) -> int:
     from resunit.data import DOWNLOADS as known
+    from resunit.data import default_data_root
 
-    already = (Path(args.root) / known[args.name][2]).is_dir()
+    root = args.root or default_data_root(args.name) or "data"
+    already = (Path(root) / known[args.name][2]).is_dir()
     target = download_dataset(
-        args.name, args.root, url=args.url, md5=args.md5, progress=not args.no_progress
+        args.name, root, url=args.url, md5=args.md5, progress=not args.no_progress
     )
     print(f"{args.name} {'already' if already else 'now'} in {target}")
     return 0
