@@ -450,6 +450,19 @@ def test_measurement_pauses_after_a_spinning_variant(monkeypatch):
     assert len(sleeps) == 3 and min(sleeps) > 0  # once per round, after the spinning block
 
 
+@pytest.mark.parametrize(("policy", "spins"), [(None, True), ("PASSIVE", False), ("active", True)])
+def test_pytorch_variants_count_as_spinning_unless_openmp_threads_sleep(monkeypatch, policy, spins):
+    # GNU OpenMP's threads busy-wait after each parallel region unless told to sleep: the
+    # measurement must pause after a PyTorch variant as after ONNX Runtime's spinning one.
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    assert deploy.openmp_threads_spin() is spins
+    variants, _ = deploy.build_variants(_model("resnet20"), (3, 32, 32), ["eager", "folded"])
+    assert all(v.spinning is spins for v in variants.values())
+
+
 def test_compare_variants_reports_each_output_difference():
     model = _model("resnet20")
     x = _input("resnet20")

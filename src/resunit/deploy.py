@@ -1175,7 +1175,9 @@ def build_variants(
     variants: dict[str, Variant] = {}
     skipped: dict[str, str] = {}
 
-    def add(name: str, run: Callable[[Tensor], Tensor], spinning: bool = False) -> None:
+    def add(name: str, run: Callable[[Tensor], Tensor], spinning: bool | None = None) -> None:
+        if spinning is None:  # a PyTorch variant
+            spinning = openmp_threads_spin()
         variants[name] = Variant(name, VARIANT_DESCRIPTIONS[name], run, spinning=spinning)
 
     for name in names:
@@ -1210,7 +1212,7 @@ def build_variants(
                 skipped[name] = "no calibration batches given"
             else:
                 path = _scratch_dir() / f"bench-{id(eager)}.int8.onnx"
-                add(name, quantize(eager, calibration_batches, path, threads=threads))
+                add(name, quantize(eager, calibration_batches, path, threads=threads), False)
         elif name == "int8_pt2e":
             if not pt2e_available():
                 skipped[name] = "torchao is not installed"
@@ -1219,6 +1221,17 @@ def build_variants(
             else:
                 add(name, quantize_pt2e(eager, calibration_batches))
     return variants, skipped
+
+
+def openmp_threads_spin() -> bool:
+    """Whether PyTorch's OpenMP threads busy-wait after each parallel region, as GNU OpenMP's
+    default wait policy has them do for a while (unless ``OMP_WAIT_POLICY=PASSIVE``).
+
+    Like ONNX Runtime's spinning threads, they then take the cores from whatever runs next:
+    in one process, ONNX Runtime at ResNet-20 batch 1 measured 2170 img/s when it always ran
+    right after ``onednn_graph`` and 3190 when another variant came between (2026-11-29).
+    """
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE"
 
 
 def _no_grad(model: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -1265,7 +1278,9 @@ def measure_interleaved(
     which would otherwise be charged to whichever variant comes next (a model in service runs
     call after call). Runners named in ``spinning`` keep their threads
     busy-waiting after a call, taking the cores from the next variant: a short pause follows
-    their block (we measured the interference gone after 10-50 ms on 2 cores).
+    their block (we measured the interference gone after 10-50 ms on 2 cores). That is ONNX
+    Runtime with spinning threads and, by default, every PyTorch variant too
+    (:func:`openmp_threads_spin`).
     """
     names = list(runners)
     blocks = block if isinstance(block, dict) else dict.fromkeys(names, block)
@@ -1351,6 +1366,7 @@ __all__ = [
     "onednn_graph_works",
     "onnx_available",
     "onnxruntime_session",
+    "openmp_threads_spin",
     "optimize",
     "pad_shortcuts_as_convolutions",
     "parse_input_shape",
