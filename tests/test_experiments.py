@@ -174,6 +174,9 @@ def test_a_mistake_leaves_no_trace_so_the_corrected_rerun_trains(tmp_path, capsy
     assert "cifar10 not found" in err
     err = one_line_error(capsys, degradation_args(out, "--device", "tpu"))
     assert "unknown device 'tpu'" in err
+    blanked = DegradationConfig(depths=[20], epochs=1, out=str(out), train_options={"cutout": 9})
+    with pytest.raises(ConfigError, match="cutout 9 is larger than the 8×8 training images"):
+        run_degradation(blanked, progress=False)
     assert not out.exists()  # no experiment.json claiming the directory for those settings
     # The corrected command is not refused as "other settings": the mistakes wrote nothing.
     assert main(degradation_args(out, "--device", "cpu")) == 0

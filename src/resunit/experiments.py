@@ -34,6 +34,7 @@ from resunit.report import read_jsonl
 from resunit.train import (
     LOWER_LR_HINT,
     TrainConfig,
+    check_cutout,
     checkpoint_config,
     evaluate,
     learning_rate,
@@ -125,6 +126,7 @@ def run_degradation(
     resolve_device(recipe.device)
     train_set = load_dataset(recipe.data, "train", recipe.data_root)
     test_set = load_dataset(recipe.data, "test", recipe.data_root)
+    check_cutout(recipe, train_set)
     write_json(out / "experiment.json", settings)
 
     start = time.perf_counter()

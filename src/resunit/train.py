@@ -668,6 +668,18 @@ def load_run_data(
     return dataset
 
 
+def check_cutout(config: TrainConfig, train_set: ImageDataset) -> None:
+    """Refuse a cutout larger than the training images, which would blank most of every one
+    (checked once the data is loaded: only then is the images' size known)."""
+    height, width = train_set.image_size
+    if config.cutout > min(height, width):
+        raise ConfigError(
+            f"cutout {config.cutout} is larger than the {height}×{width} training images and "
+            "would blank most of every one (cutout=, or --cutout; DeVries & Taylor used half "
+            "the side)"
+        )
+
+
 def _moved_data(exc: DatasetError, recorded_root: str | None) -> DatasetError:
     """``exc`` again, saying how to point at the run's data when its recorded root is gone."""
     if not recorded_root or Path(recorded_root).exists():
@@ -842,13 +854,7 @@ def _run(
         train_set, val_set, test_set = load_data(config)
     except DatasetError as exc:
         raise _moved_data(exc, config.data_root if state is not None else None) from None
-    height, width = train_set.image_size
-    if config.cutout > min(height, width):  # checked here: the images' size is known now
-        raise ConfigError(
-            f"cutout {config.cutout} is larger than the {height}×{width} training images and "
-            "would blank most of every one (cutout=, or --cutout; DeVries & Taylor used half "
-            "the side)"
-        )
+    check_cutout(config, train_set)
     torch.manual_seed(config.seed)
     model = create_model(
         config.model,
@@ -1292,6 +1298,7 @@ __all__ = [
     "RECIPES",
     "Distributed",
     "TrainConfig",
+    "check_cutout",
     "checkpoint_config",
     "evaluate",
     "global_step_of",
