@@ -16,7 +16,6 @@ Datasets:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import pickle
@@ -34,7 +33,7 @@ import torch
 from torch import Tensor
 
 from resunit.errors import DatasetError
-from resunit.outputs import check_output_location, prepare_output_dir
+from resunit.outputs import check_output_location, folders_removed_on_failure, prepare_output_dir
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 SPLITS = ("train", "val", "test")
@@ -659,17 +658,11 @@ def download_dataset(
     if target.is_dir():
         return target
     check_output_location(root, "--root", kind="directory")
-    created = [p for p in (root, *root.parents) if not p.exists()]
-    try:
+    # A failed download leaves nothing behind, not even the folders it created for it.
+    with folders_removed_on_failure(root):
         prepare_output_dir(root, option="--root")  # creatable and writable, before downloading
         with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
             _fetch_and_extract(name, url, md5, folder_name, Path(tmp), target, progress)
-    except BaseException:
-        # A failed download leaves nothing behind, not even the folders it created for it.
-        for folder in created:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if still empty
-        raise
     return target
 
 

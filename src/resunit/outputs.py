@@ -50,10 +50,7 @@ def prepare_output_dir(
     out = Path(out_dir)
     check_output_location(out, option, kind="directory")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        # Only writing tells: permissions, ACLs, read-only mounts and root all play a part.
-        with tempfile.TemporaryFile(dir=out):
-            pass
+        _create_writable(out)
     except OSError as exc:
         raise ConfigError(f"cannot write to {option} {out}: {reason(exc)}") from None
     for name in files:
@@ -70,12 +67,34 @@ def prepare_output_file(path: str | os.PathLike[str], option: str) -> Path:
         raise ConfigError(f"{option} needs a file name, got {str(path)!r}")
     check_output_location(out, option)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out.parent):  # only writing tells, as above
-            pass
+        _create_writable(out.parent)
     except OSError as exc:
         raise ConfigError(f"cannot write {option} {out}: {reason(exc)}") from None
     return out
+
+
+def _create_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and write a file in it; raises the ``OSError`` if not."""
+    folder.mkdir(parents=True, exist_ok=True)
+    # Only writing tells: permissions, ACLs, read-only mounts and root all play a part.
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
+@contextlib.contextmanager
+def folders_removed_on_failure(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Around work that creates the folder ``path`` (and parents it lacks): if the work fails,
+    the folders it created are removed again where they are still empty, so a failed command
+    leaves no trace of them."""
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]  # innermost first
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if still empty
+        raise
 
 
 @contextlib.contextmanager
@@ -118,6 +137,7 @@ def reason(exc: OSError) -> str:
 __all__ = [
     "atomic_output",
     "check_output_location",
+    "folders_removed_on_failure",
     "prepare_output_dir",
     "prepare_output_file",
     "reason",

@@ -42,7 +42,13 @@ from resunit.checkpoint import (
 from resunit.data import ImageDataset, augment, default_data_root, load_dataset, normalize
 from resunit.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from resunit.models import create_model, dtype_and_device
-from resunit.outputs import check_output_location, prepare_output_dir, write_json, write_jsonl
+from resunit.outputs import (
+    check_output_location,
+    folders_removed_on_failure,
+    prepare_output_dir,
+    write_json,
+    write_jsonl,
+)
 
 SCHEDULES = ("multistep", "cosine", "onecycle", "constant")
 CHECKPOINT_FORMAT = "resunit-train-1"
@@ -799,25 +805,19 @@ def _train(
     _check_run_dir(run_dir, config, resuming=state is not None)
     # Created (and write-tested) here, by every process before they group under torchrun, so
     # that a place that takes no files stops them all at once: were rank 0 alone to find out
-    # later, the other ranks would wait for it in their first collective.
-    created = _create_run_dir(run_dir)
-    with _cleared_if_no_checkpoint(run_dir, created):
-        return _run(config, state, run_dir, progress)
-
-
-def _create_run_dir(run_dir: Path) -> list[Path]:
-    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
-    with _cleared_if_no_checkpoint(run_dir, created):  # e.g. made a/b, a/b/run took no file
+    # later, the other ranks would wait for it in their first collective. A run that fails
+    # removes the folders it made, where then empty (a TensorBoard log keeps them).
+    with folders_removed_on_failure(run_dir):
         prepare_output_dir(run_dir, RUN_FILES)
-    return created
+        with _run_files_removed_if_no_checkpoint(run_dir):
+            return _run(config, state, run_dir, progress)
 
 
 @contextlib.contextmanager
-def _cleared_if_no_checkpoint(run_dir: Path, created: list[Path]) -> Iterator[None]:
+def _run_files_removed_if_no_checkpoint(run_dir: Path) -> Iterator[None]:
     """A run that fails before its first checkpoint (bad data, a loss gone to NaN in the first
     epoch) removes the files it began with, which `report` would show as a run that never
-    was, and the folders it made if they are then empty (a TensorBoard log stays). They can
-    only be this run's: a new run refuses a directory that already holds them."""
+    was. They can only be this run's: a new run refuses a directory that already holds them."""
     try:
         yield
     except BaseException:
@@ -828,9 +828,6 @@ def _cleared_if_no_checkpoint(run_dir: Path, created: list[Path]) -> Iterator[No
             for name in _BEFORE_CHECKPOINT:
                 with contextlib.suppress(OSError):
                     (run_dir / name).unlink()
-        for folder in created:  # innermost first
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if now empty
         raise
 
 
