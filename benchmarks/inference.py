@@ -160,23 +160,19 @@ def pt2e_accuracy(checkpoint: Path) -> tuple[float, float]:
     """Test accuracy of the PT2E int8 model, calibrated on the same images as the CLI's, and
     how often it predicts the float32 model's class."""
     from resunit.checkpoint import load_model
-    from resunit.cli.deploy import CALIBRATION_BATCH_SIZE, DEFAULT_CALIBRATION_BATCHES
+    from resunit.cli.deploy import DEFAULT_CALIBRATION_BATCHES, calibration_sample
     from resunit.data import load_dataset
-    from resunit.train import evaluate, prepare_batch, top1_agreement
+    from resunit.train import evaluate, top1_agreement
 
     model, config = load_model(checkpoint)
     train_set = load_dataset(config["data"], "train")
     test_set = load_dataset(config["data"], "test")
     size = config["input_size"]
-    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
-    chosen = order[: DEFAULT_CALIBRATION_BATCHES * CALIBRATION_BATCH_SIZE]
-    batches = [
-        prepare_batch(train_set.images[i], train_set.mean, train_set.std, size)
-        for i in chosen.split(CALIBRATION_BATCH_SIZE)
-    ]
+    batches = calibration_sample(train_set, DEFAULT_CALIBRATION_BATCHES, size)
     int8 = deploy.quantize_pt2e(model, batches)
-    accuracy = evaluate(int8, test_set, input_size=size, device="cpu")["accuracy"]
-    return accuracy, top1_agreement(int8, model, test_set, input_size=size)
+    after = evaluate(int8, test_set, input_size=size, device="cpu", predictions=True)
+    before = evaluate(model, test_set, input_size=size, device="cpu", predictions=True)
+    return after["accuracy"], top1_agreement(after["predictions"], before["predictions"])
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -61,6 +61,13 @@ def wait_for_epochs(run_dir: Path, count: int, proc: subprocess.Popen, timeout: 
     pytest.fail("training did not progress")
 
 
+def wait_into_epoch_2(run_dir: Path, proc: subprocess.Popen) -> None:
+    """Return about 40% into epoch 2. Epoch 1's own time sets the wait: a fixed one (it was
+    0.3 s) is most of an epoch on a fast machine (0.35 s here), and then epoch 2 may be over."""
+    wait_for_epochs(run_dir, 1, proc)
+    time.sleep(0.4 * read_metrics(run_dir)[0]["seconds"])
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory) -> Path:
     """An uninterrupted 3-epoch run: what every interrupted-and-resumed run must reproduce."""
@@ -75,8 +82,7 @@ def reference_run(tmp_path_factory) -> Path:
 def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, reference_run):
     out = tmp_path / "run"
     proc = resunit("train", *QUICK, "--out", str(out))
-    wait_for_epochs(out, 1, proc)
-    time.sleep(0.3)  # well inside epoch 2 (about 1 s long)
+    wait_into_epoch_2(out, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert read_checkpoint(out / "last.pt")["epoch"] >= 1
@@ -95,8 +101,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, reference_
 def test_ctrl_c_saves_a_mid_epoch_checkpoint_that_resumes_exactly(tmp_path, reference_run):
     out = tmp_path / "run"
     proc = resunit("train", *QUICK, "--out", str(out))
-    wait_for_epochs(out, 1, proc)
-    time.sleep(0.3)
+    wait_into_epoch_2(out, proc)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr

@@ -198,25 +198,30 @@ def test_the_recorded_data_root_is_absolute_so_any_directory_finds_it(
     assert _recorded_data_root(config) == (str(tmp_path / expected) if expected else None)
 
 
-def test_top1_agreement_counts_the_images_where_two_models_pick_the_same_class():
+def test_evaluate_gives_each_images_pick_and_top1_agreement_counts_the_same_picks():
     test = load_dataset("digits", "test")
     torch.manual_seed(0)
     # Random linear maps of the pixels: their picks vary from image to image (an untrained
     # ResNet tends to pick one class for every image).
     first = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
-    second = nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.Dropout(0.9)).train()
+    second = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     with torch.no_grad():
         x = prepare_batch(test.images, test.mean, test.std)
-        same = (first(x).argmax(1) == second.eval()(x).argmax(1)).double().mean().item()
-    second.train()
+        first_picks, second_picks = first(x).argmax(1), second(x).argmax(1)
+    same = (first_picks == second_picks).double().mean().item()
     assert 0 < same < 1  # two random networks: some agreement, not all
-    assert top1_agreement(first, second, test, batch_size=64) == pytest.approx(same)
-    assert second.training and not first.training  # modes as they were
-    assert top1_agreement(first, first, test) == 1.0
-    # Outputs that are not one logit per class are refused, not compared along some axis.
-    three_classes = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
-    with pytest.raises(ConfigError, match="gives 3 outputs per image but digits has 10"):
-        top1_agreement(first, three_classes, test)
+    # In dataset order, across batches with a partial last one (360 = 5 × 64 + 40).
+    a = evaluate(first, test, batch_size=64, predictions=True)
+    b = evaluate(second, test, batch_size=64, predictions=True)
+    assert a["predictions"] == first_picks.tolist() and b["predictions"] == second_picks.tolist()
+    assert a["accuracy"] == pytest.approx((first_picks == test.labels).double().mean().item())
+    assert "predictions" not in evaluate(first, test)  # only when asked: summaries stay small
+    assert top1_agreement(a["predictions"], b["predictions"]) == pytest.approx(same)
+    assert top1_agreement(a["predictions"], a["predictions"]) == 1.0
+    # The accuracy gap is bounded by the disagreement.
+    assert abs(a["accuracy"] - b["accuracy"]) <= 1 - same + 1e-12
+    with pytest.raises(ValueError, match="predictions for 360 and 359 images"):
+        top1_agreement(a["predictions"], b["predictions"][:-1])
 
 
 def test_a_class_with_no_test_images_has_no_accuracy_rather_than_zero():

@@ -29,7 +29,7 @@ from resunit.checkpoint import read_checkpoint, save_checkpoint
 from resunit.data import ImageDataset, augment, load_dataset
 from resunit.errors import CheckpointError, ConfigError
 from resunit.models import create_model, list_models
-from resunit.outputs import check_output_location, write_json, write_jsonl
+from resunit.outputs import CHOOSE_ANOTHER_OUT, check_output_location, write_json, write_jsonl
 from resunit.report import read_jsonl
 from resunit.train import (
     LOWER_LR_HINT,
@@ -189,15 +189,14 @@ def _check_same_experiment(out: Path, settings: dict[str, Any]) -> None:
     if not isinstance(previous, dict):
         raise ConfigError(
             f"{path} is damaged (not a JSON object): remove it to resume the experiment there "
-            "with the options given now, or choose another output directory (out=, or --out)"
+            f"with the options given now, or {CHOOSE_ANOTHER_OUT}"
         )
     settings = json.loads(json.dumps(settings))  # as it was stored: tuples become lists
     if previous != settings:
         changed = _changed_settings(previous, settings)
         raise ConfigError(
             f"{out} holds a degradation experiment with other settings ({', '.join(changed)}): "
-            "rerun it with the same options to resume, or choose another output directory "
-            "(out=, or --out)"
+            f"rerun it with the same options to resume, or {CHOOSE_ANOTHER_OUT}"
         )
 
 

@@ -20,6 +20,9 @@ from typing import Any
 from resunit.atomic import atomic_path
 from resunit.errors import ConfigError
 
+# The way out of a refused output directory, in the words of both the API and the CLI.
+CHOOSE_ANOTHER_OUT = "choose another output directory (out=, or --out)"
+
 
 def check_output_location(path: str | os.PathLike[str], option: str, kind: str = "file") -> None:
     """Refuse, without creating anything, an output ``path`` (a ``kind``: ``"file"`` or
@@ -135,6 +138,7 @@ def reason(exc: OSError) -> str:
 
 
 __all__ = [
+    "CHOOSE_ANOTHER_OUT",
     "atomic_output",
     "check_output_location",
     "folders_removed_on_failure",

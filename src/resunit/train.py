@@ -21,7 +21,7 @@ import threading
 import time
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from resunit.data import ImageDataset, augment, default_data_root, load_dataset,
 from resunit.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from resunit.models import create_model, dtype_and_device
 from resunit.outputs import (
+    CHOOSE_ANOTHER_OUT,
     check_output_location,
     folders_removed_on_failure,
     prepare_output_dir,
@@ -382,8 +383,10 @@ def evaluate(
     device: torch.device | str | None = None,
     channels_last: bool = False,
     bf16: bool = False,
+    predictions: bool = False,
 ) -> dict[str, Any]:
-    """Accuracy, mean loss, per-class accuracy and confusion matrix (rows: true class).
+    """Accuracy, mean loss, per-class accuracy and confusion matrix (rows: true class), and
+    with ``predictions=True`` the class picked for each image, in ``dataset``'s order.
 
     A class with no images in ``dataset`` has per-class accuracy None (unknown, not 0%).
 
@@ -397,7 +400,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        confusion, loss_sum = _confusion_and_loss(
+        confusion, loss_sum, picks = _confusion_and_loss(
             model, dataset, batch_size, input_size, device, channels_last, bf16
         )
     finally:
@@ -409,7 +412,7 @@ def evaluate(
         int(right) / int(count) if count else None
         for right, count in zip(confusion.diag(), per_class_total, strict=True)
     ]
-    return {
+    result = {
         "accuracy": float(confusion.diag().sum()) / max(total, 1),
         "loss": loss_sum / max(total, 1),
         "count": total,
@@ -417,6 +420,9 @@ def evaluate(
         "per_class_accuracy": per_class,
         "confusion_matrix": confusion.tolist(),
     }
+    if predictions:
+        result["predictions"] = torch.cat(picks).tolist() if picks else []
+    return result
 
 
 def _confusion_and_loss(
@@ -427,17 +433,19 @@ def _confusion_and_loss(
     device: torch.device,
     channels_last: bool,
     bf16: bool,
-) -> tuple[Tensor, float]:
+) -> tuple[Tensor, float, list[Tensor]]:
     k = dataset.num_classes
     confusion = torch.zeros(k, k, dtype=torch.int64)
     loss_sum = 0.0
+    picks = []
     for x, labels in _batches(dataset, batch_size, input_size, device, channels_last):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = _checked_logits(model(x), dataset)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-        predicted = logits.argmax(1)
-        confusion += torch.bincount(labels.cpu() * k + predicted.cpu(), minlength=k * k).view(k, k)
-    return confusion, loss_sum
+        predicted = logits.argmax(1).cpu()
+        picks.append(predicted)
+        confusion += torch.bincount(labels.cpu() * k + predicted, minlength=k * k).view(k, k)
+    return confusion, loss_sum, picks
 
 
 def _batches(
@@ -454,39 +462,22 @@ def _batches(
         yield prepare_batch(images, dataset.mean, dataset.std, input_size, channels_last), labels
 
 
-@torch.no_grad()
-def top1_agreement(
-    model: nn.Module,
-    reference: nn.Module,
-    dataset: ImageDataset,
-    batch_size: int = 500,
-    *,
-    input_size: int | None = None,
-) -> float:
-    """The fraction of ``dataset``'s images on which ``model`` and ``reference`` predict the
-    same class: how often a quantized or exported model decides as its original.
+def top1_agreement(predictions: Sequence[int], reference: Sequence[int]) -> float:
+    """The fraction of images on which two models predict the same class: how often a
+    quantized or exported model decides as its original.
 
-    Bounds the accuracy difference of the two (it can be no larger than ``1 − agreement``)
-    and, unlike it, still says something when both are 100% right. Each model gets the
-    batches on its own device, as :func:`evaluate` does (CPU when it has no parameters).
+    ``predictions`` and ``reference`` are each model's :func:`evaluate` ``(...,
+    predictions=True)["predictions"]`` on the same dataset. The agreement bounds the accuracy
+    difference of the two (it can be no larger than ``1 − agreement``) and, unlike it, still
+    says something when both are 100% right.
     """
-    batch_size = _require_int("batch size", batch_size, 1)
-    modes = [(m, m.training) for m in (model, reference)]
-    same = total = 0
-    try:
-        for m, _ in modes:
-            m.eval()
-        for x, _ in _batches(dataset, batch_size, input_size, torch.device("cpu")):
-            picks = [
-                _checked_logits(m(x.to(dtype_and_device(m)[1])), dataset).argmax(1).cpu()
-                for m, _ in modes
-            ]
-            same += int((picks[0] == picks[1]).sum())
-            total += len(x)
-    finally:
-        for m, training in modes:
-            m.train(training)
-    return same / max(total, 1)
+    if len(predictions) != len(reference):
+        raise ValueError(
+            f"predictions for {len(predictions)} and {len(reference)} images: "
+            "compare the two models on the same dataset"
+        )
+    same = sum(int(a) == int(b) for a, b in zip(predictions, reference, strict=True))
+    return same / max(len(predictions), 1)
 
 
 def _checked_logits(logits: Tensor, dataset: ImageDataset) -> Tensor:
@@ -591,9 +582,8 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, resuming: bool) -> None:
     """Refuse, before any work and without creating anything, a run directory whose files
     could never be written, or one that holds an experiment (both write ``summary.json``)."""
     check_output_location(run_dir, "--out", kind="directory")
-    other_out = "choose another output directory (out=, or --out)"
     if (run_dir / "experiment.json").exists():
-        what = "it cannot be resumed as a training run" if resuming else other_out
+        what = "it cannot be resumed as a training run" if resuming else CHOOSE_ANOTHER_OUT
         raise ConfigError(
             f"{run_dir} holds an experiment (experiment.json, from `resunit experiment`): {what}"
         )
@@ -602,9 +592,10 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, resuming: bool) -> None:
     leftovers = [name for name in _BEFORE_CHECKPOINT if (run_dir / name).is_file()]
     if leftovers and not resuming:
         raise ConfigError(
-            f"{run_dir} holds {', '.join(leftovers)} of another run: remove them or {other_out}"
+            f"{run_dir} holds {', '.join(leftovers)} of another run: "
+            f"remove them or {CHOOSE_ANOTHER_OUT}"
         )
-    fix = "remove it to resume" if resuming else f"remove it or {other_out}"
+    fix = "remove it to resume" if resuming else f"remove it or {CHOOSE_ANOTHER_OUT}"
     for name in RUN_FILES:
         if (run_dir / name).is_dir():
             raise ConfigError(f"{run_dir / name} is a directory where the run writes a file; {fix}")
@@ -800,7 +791,7 @@ def _train(
         if (run_dir / "last.pt").exists():
             raise ConfigError(
                 f"{run_dir} already holds a run: continue it (resume=, or --resume {run_dir}) or "
-                "choose another output directory (out=, or --out)"
+                + CHOOSE_ANOTHER_OUT
             )
     _check_run_dir(run_dir, config, resuming=state is not None)
     # Created (and write-tested) here, by every process before they group under torchrun, so

@@ -6,7 +6,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -16,6 +16,9 @@ from resunit.atomic import atomic_path
 from resunit.cli.common import add_json_flag, comma_separated, format_table, print_json
 from resunit.errors import ConfigError
 from resunit.outputs import prepare_output_file
+
+if TYPE_CHECKING:
+    from resunit.data import ImageDataset
 
 DEFAULT_CALIBRATION_BATCHES = 8
 CALIBRATION_BATCH_SIZE = 32
@@ -191,20 +194,14 @@ def _export_int8(
     data_root: str | None,
 ) -> dict[str, Any]:
     from resunit import deploy
-    from resunit.train import evaluate, load_run_data, prepare_batch, top1_agreement
+    from resunit.train import evaluate, load_run_data, top1_agreement
 
     # The data as the run saw it: same options and partition, its training normalisation.
     train_set = load_run_data(config, "train", root=data_root)
     test_set = load_run_data(config, "test", root=data_root)
     input_size = input_shape[-1]
-    # A seeded sample of the training split: every class, never the test images.
-    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
-    count = min(len(train_set), calibration_batches * CALIBRATION_BATCH_SIZE)
-    chosen = order[:count]
-    batches = [
-        prepare_batch(train_set.images[idx], train_set.mean, train_set.std, input_size)
-        for idx in chosen.split(CALIBRATION_BATCH_SIZE)
-    ]
+    batches = calibration_sample(train_set, calibration_batches, input_size)
+    count = sum(len(batch) for batch in batches)
     # The float graph is checked first, so an accuracy drop can only come from quantization.
     with tempfile.TemporaryDirectory(prefix="resunit-export-") as tmp:
         float_path = deploy.export_onnx(
@@ -212,10 +209,10 @@ def _export_int8(
         )
         check = deploy.verify_onnx(float_path, model, input_shape, batch_sizes=(1, 3))
     int8_model = deploy.quantize(model, batches, out, method=method)
-    before = evaluate(model, test_set, input_size=input_size, device="cpu")
-    after = evaluate(int8_model, test_set, input_size=input_size, device="cpu")
+    before = evaluate(model, test_set, input_size=input_size, device="cpu", predictions=True)
+    after = evaluate(int8_model, test_set, input_size=input_size, device="cpu", predictions=True)
     # Still informative where both are (nearly) always right, as on the digits.
-    agreement = top1_agreement(int8_model, model, test_set, input_size=input_size)
+    agreement = top1_agreement(after["predictions"], before["predictions"])
     summary = _check_summary(out, check)
     summary.update(
         {
@@ -231,6 +228,22 @@ def _export_int8(
         }
     )
     return summary
+
+
+def calibration_sample(
+    train_set: ImageDataset, batches: int, input_size: int | None
+) -> list[torch.Tensor]:
+    """Up to ``batches`` normalised batches of ``CALIBRATION_BATCH_SIZE`` images for int8
+    calibration: a seeded sample of the training split, so every class and never a test
+    image, and the same images each time."""
+    from resunit.train import prepare_batch
+
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
+    chosen = order[: batches * CALIBRATION_BATCH_SIZE]
+    return [
+        prepare_batch(train_set.images[idx], train_set.mean, train_set.std, input_size)
+        for idx in chosen.split(CALIBRATION_BATCH_SIZE)
+    ]
 
 
 def _checkpoint_input_shape(config: dict[str, Any]) -> tuple[int, int, int]:
