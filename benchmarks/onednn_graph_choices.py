@@ -38,7 +38,6 @@ from resunit import create_model
 from resunit.analysis import input_shape_of
 from resunit.deploy import (
     OneDnnGraphModel,
-    _onednn_fusion,  # the per-call hold that +switch_once removed
     fold_batchnorm,
     measure_interleaved,
     onednn_graph_works,
@@ -47,6 +46,7 @@ from resunit.deploy import (
     relative_difference,
     retain_freed_memory,
 )
+from resunit.deploy.inference import _onednn_fusion  # the per-call hold +switch_once removed
 
 
 class _PoolHead(OneDnnGraphModel):

@@ -9,6 +9,7 @@ import torch
 from resunit import deploy
 from resunit.checkpoint import save_checkpoint
 from resunit.cli import main
+from resunit.deploy import onnx_export
 from resunit.models import create_model
 
 needs_onnx = pytest.mark.skipif(not deploy.onnx_available(), reason="needs the [onnx] extra")
@@ -157,7 +158,7 @@ def test_a_failed_check_leaves_no_file_and_keeps_the_previous_export(
 ):
     out = tmp_path / "model.onnx"
     out.write_bytes(b"an earlier, good export")
-    monkeypatch.setattr(deploy, "relative_difference", lambda actual, expected: 1.0)
+    monkeypatch.setattr(onnx_export, "relative_difference", lambda actual, expected: 1.0)
     assert main(["export", "--checkpoint", str(checkpoint), "--onnx", str(out)]) == 2
     assert "not trustworthy" in capsys.readouterr().err
     assert out.read_bytes() == b"an earlier, good export"

@@ -21,10 +21,13 @@ from resunit.deploy import (
     count_multiply_adds,
     fold_batchnorm,
     fold_conv_bn,
+    inference,
     measure_interleaved,
+    onnx_export,
     optimize,
     parse_input_shape,
     relative_difference,
+    throughput,
 )
 from resunit.errors import ConfigError
 from resunit.models import ResNet, create_model, get_model_spec, list_models, model_parameter_count
@@ -350,7 +353,7 @@ def test_inference_model_keeps_its_settings_for_every_concurrent_call():
     assert inductor_config.freezing is False  # restored once the last call left
 
 
-def _shared_setting_on_a_dict() -> tuple[dict, deploy._SharedSetting]:
+def _shared_setting_on_a_dict() -> tuple[dict, inference._SharedSetting]:
     """A _SharedSetting whose 'process-wide setting' is the value in a dict, to watch it."""
     state = {"value": "original"}
 
@@ -358,7 +361,7 @@ def _shared_setting_on_a_dict() -> tuple[dict, deploy._SharedSetting]:
         before, state["value"] = state["value"], value
         return lambda: state.update(value=before)
 
-    return state, deploy._SharedSetting(apply)
+    return state, inference._SharedSetting(apply)
 
 
 def test_a_shared_setting_is_undone_by_the_last_thread_out():
@@ -406,7 +409,7 @@ def test_inductor_settings_are_per_thread_in_this_torch_or_shared():
     import torch._inductor.config as inductor_config
 
     # Whichever way this torch keeps them, a patch is visible inside and gone after.
-    with deploy._inductor_patch({"freezing": True}):
+    with inference._inductor_patch({"freezing": True}):
         assert inductor_config.freezing is True
     assert inductor_config.freezing is False
     # The probe agrees with what another thread sees of a patch.
@@ -415,7 +418,7 @@ def test_inductor_settings_are_per_thread_in_this_torch_or_shared():
         thread = threading.Thread(target=lambda: seen.append(inductor_config.freezing))
         thread.start()
         thread.join()
-    assert deploy._inductor_config_is_per_thread() == (seen == [False])
+    assert inference._inductor_config_is_per_thread() == (seen == [False])
 
 
 def test_measurement_interleaves_variants_and_rotates_the_order():
@@ -431,7 +434,7 @@ def test_measurement_times_only_the_warm_calls_of_each_block(monkeypatch):
     # A variant whose first call of every block is slow (cold caches) and the rest fast: the
     # sample is the mean of the warm calls only.
     clock = [0.0]
-    monkeypatch.setattr(deploy.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: clock[0])
     state = {"calls": 0}
 
     def run() -> None:
@@ -444,7 +447,7 @@ def test_measurement_times_only_the_warm_calls_of_each_block(monkeypatch):
 
 def test_measurement_pauses_after_a_spinning_variant(monkeypatch):
     sleeps: list[float] = []
-    monkeypatch.setattr(deploy.time, "sleep", sleeps.append)
+    monkeypatch.setattr(throughput.time, "sleep", sleeps.append)
     runners = {"a": lambda: None, "spin": lambda: None}
     measure_interleaved(runners, batch=1, repeats=2, warmup=1, spinning=["spin"])
     assert len(sleeps) == 3 and min(sleeps) > 0  # once per round, after the spinning block
@@ -574,8 +577,10 @@ def test_onednn_graph_traces_once_when_first_called_from_several_threads(monkeyp
     x = _input("resnet20")
     fast = optimize(model, channels_last=False, compile="onednn_graph")
     traces = []
-    trace = deploy._trace_and_freeze
-    monkeypatch.setattr(deploy, "_trace_and_freeze", lambda m, e: traces.append(1) or trace(m, e))
+    trace = inference._trace_and_freeze
+    monkeypatch.setattr(
+        inference, "_trace_and_freeze", lambda m, e: traces.append(m) or trace(m, e)
+    )
     outputs = _in_threads(lambda i: fast(x))
     assert len(traces) == 1
     with torch.no_grad():
@@ -598,8 +603,8 @@ def test_onednn_graph_switches_fusion_on_only_to_trace_a_new_shape(monkeypatch):
     model = _model("resnet20")
     fast = optimize(model, channels_last=True, compile="onednn_graph")
     holds = []
-    hold = deploy._ONEDNN_FUSION.hold
-    monkeypatch.setattr(deploy._ONEDNN_FUSION, "hold", lambda v: holds.append(v) or hold(v))
+    hold = inference._ONEDNN_FUSION.hold
+    monkeypatch.setattr(inference._ONEDNN_FUSION, "hold", lambda v: holds.append(v) or hold(v))
     x = _input("resnet20")
     fast(x)
     assert holds == [True]
@@ -612,7 +617,7 @@ def test_onednn_graph_switches_fusion_on_only_to_trace_a_new_shape(monkeypatch):
 
 @needs_onednn_graph
 def test_onednn_graph_traces_a_bounded_number_of_shapes_and_runs_later_ones_eagerly(monkeypatch):
-    monkeypatch.setattr(deploy, "MAX_ONEDNN_GRAPHS", 2)
+    monkeypatch.setattr(inference, "MAX_ONEDNN_GRAPHS", 2)
     model = _model("resnet20")
     fast = optimize(model, channels_last=True, compile="onednn_graph")
     x = _input("resnet20", batch=3)
@@ -660,11 +665,11 @@ def test_head_as_convolution_is_the_pool_and_classifier(name):
     model = _model(name).double()
     x = torch.randn(2, 3, 20, 24, dtype=torch.float64)  # a 5×6 last map (3×3 for the WRN)
     state = torch.get_rng_state()
-    rewritten = deploy._head_as_convolution(model, x, channels_last=False)
+    rewritten = inference._head_as_convolution(model, x, channels_last=False)
     assert torch.equal(torch.get_rng_state(), state)  # no random initialisation of the conv
-    assert isinstance(rewritten, deploy._HeadAsConvolution)
+    assert isinstance(rewritten, inference._HeadAsConvolution)
     assert rewritten.conv.weight.is_contiguous()  # the layout asked for, NCHW here…
-    channels_last = deploy._head_as_convolution(model, x, channels_last=True).conv.weight
+    channels_last = inference._head_as_convolution(model, x, channels_last=True).conv.weight
     assert channels_last.is_contiguous(memory_format=torch.channels_last)  # …and NHWC here
     with torch.no_grad():
         torch.testing.assert_close(rewritten(x), model(x), rtol=1e-12, atol=1e-12)
@@ -689,7 +694,7 @@ def test_head_stays_a_pool_where_a_convolution_would_not_be_the_same_or_not_pay(
     x = _input("resnet20")
 
     def unchanged(model: nn.Module) -> bool:
-        return deploy._head_as_convolution(model, x, channels_last=False) is model
+        return inference._head_as_convolution(model, x, channels_last=False) is model
 
     assert unchanged(create_model("resnet20", num_classes=0).eval())
     assert unchanged(_OwnHead(**get_model_spec("resnet20").kwargs).eval())
@@ -711,9 +716,9 @@ def test_head_stays_a_pool_where_a_convolution_would_not_be_the_same_or_not_pay(
     with nn.modules.module.register_module_forward_hook(lambda m, i, o: o):
         assert unchanged(_model("resnet20"))  # process-wide hooks see every module
     model = _model("resnet20")  # 64 × 10 classifier, 8×8 map: 40,960 multiply-adds
-    monkeypatch.setattr(deploy, "_MAX_HEAD_CONVOLUTION_MACS", 40_959)
+    monkeypatch.setattr(inference, "_MAX_HEAD_CONVOLUTION_MACS", 40_959)
     assert unchanged(model)
-    monkeypatch.setattr(deploy, "_MAX_HEAD_CONVOLUTION_MACS", 40_960)
+    monkeypatch.setattr(inference, "_MAX_HEAD_CONVOLUTION_MACS", 40_960)
     assert not unchanged(model)
 
 
@@ -816,7 +821,7 @@ def test_a_file_fixed_to_batch_four_runs_any_batch_in_padded_pieces(tmp_path):
     model = _model("resnet20", in_chans=1)
     path = tmp_path / "b4.onnx"
     # Another tool's export, fixed to batch 4 (ours fixes batch 1); its warnings silenced.
-    with torch.no_grad(), deploy._quiet_exporter():
+    with torch.no_grad(), onnx_export._quiet_exporter():
         torch.onnx.export(model, (torch.randn(4, 1, 8, 8),), str(path), dynamo=False)
     runner = deploy.OnnxRuntimeModel(path)
     assert runner.batch_size == 4

@@ -32,6 +32,14 @@ class DeployError(ResunitError):
     """An export or optimisation cannot be done (missing extra, failed verification)."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name when it has none): third-party
+    errors (inductor, TorchScript, ONNX Runtime) can run to pages, and the first line says what
+    went wrong."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
@@ -39,4 +47,5 @@ __all__ = [
     "DeployError",
     "ResunitError",
     "TrainingError",
+    "first_line",
 ]

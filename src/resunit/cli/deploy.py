@@ -114,7 +114,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise ConfigError("--calibration-batches must be at least 1")
     if args.data_root and not args.int8:
         raise ConfigError("--data-root is for --int8, which reads the run's images")
-    deploy._require_onnx()  # fail before any work when the extra is missing
+    deploy.require_onnx()  # fail before any work when the extra is missing
     # int8 feeds it the run's images: calibration and the accuracy before and after.
     model, config = load_model(args.checkpoint, needs=FEEDING_FIELDS if args.int8 else ())
     input_shape = (

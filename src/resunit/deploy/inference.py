@@ -1,0 +1,536 @@
+"""The fast float32 model: :func:`optimize` folds, lays out and compiles a network.
+
+The compilers are inductor (``torch.compile`` with freezing) and oneDNN Graph (a TorchScript
+trace whose conv + add + ReLU chains oneDNN fuses), each checked here to work on this machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import functools
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from resunit.blocks import PadShortcut
+from resunit.deploy.folding import fold_batchnorm, relative_difference
+from resunit.errors import ConfigError, first_line
+from resunit.models import ResNet, dtype_and_device
+
+
+class InferenceModel(nn.Module):
+    """A model wrapped for inference: no autograd, and its input in the layout it runs fastest in.
+
+    Converting the input to channels_last inside ``forward`` means callers keep passing plain
+    NCHW tensors; the convolutions then never have to reorder their inputs.
+
+    Threads: calling it from several threads at once is safe, the first calls included. The
+    first call for each input shape, dtype, strides and device (the one that compiles) runs
+    while no other model's first call does, so a shape is compiled once. A compiled model
+    needs inductor settings during its calls: torch 2.13 keeps them per thread, so each call
+    sets its own; older versions keep them in one process-wide dict, where they are switched
+    on while any call that needs them runs and back off after the last one (calls needing
+    other settings, a PT2E int8 model's, then wait for each other, and other ``torch.compile``
+    work in the process sees the settings meanwhile). Not safe while calls run: changing
+    ``channels_last`` or ``inductor_config``, ``.to()``, or loading weights into the model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        channels_last: bool,
+        inductor_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.channels_last = channels_last
+        self.inductor_config = dict(inductor_config or {})
+        # (shape, strides, dtype, device) of the inputs already compiled for; see forward.
+        self._compiled_for: set[tuple[Any, ...]] = set()
+
+    def train(self, mode: bool = True) -> InferenceModel:
+        # Inference only: the wrapped model stays in eval mode, and exported graphs (PT2E)
+        # refuse train()/eval() altogether, so evaluation loops calling .eval() must not reach it.
+        self.training = mode
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # A compiled model compiles on its first call for each input shape, so the inductor
+        # settings must be in force during calls: torch.compile(options={"freezing": True})
+        # is silently ignored in torch 2.13 (the generated code keeps plain convolutions),
+        # as is patching them around inductor alone (Dynamo reads `freezing` while tracing).
+        # They are set for every call, not only first ones, because Dynamo may recompile a
+        # shape it has seen (after torch._dynamo.reset(), say).
+        with torch.no_grad(), _inductor_patch(self.inductor_config):
+            if not self.inductor_config:
+                return self.model(x)
+            key = _input_signature(x)
+            if key in self._compiled_for:
+                return self.model(x)
+            # Concurrent first calls of one shape would each compile it (Dynamo compiles one
+            # at a time, but the second does not look for the first one's result): they
+            # take turns, and all but the first find the compiled graph.
+            with _FIRST_CALL_LOCK:
+                out = self.model(x)
+                self._compiled_for.add(key)
+            return out
+
+
+def _input_signature(x: Tensor) -> tuple[Any, ...]:
+    # What a compiled or traced graph is specialised to: a new one means a first call.
+    return (tuple(x.shape), x.stride(), x.dtype, x.device)
+
+
+# One lock for the first calls (compilations, traces) of all models: they are rare, Dynamo
+# compiles one at a time anyway, and a module-level lock keeps the models deep-copyable.
+# Reentrant: a first call may run another model's first call inside it.
+_FIRST_CALL_LOCK = threading.RLock()
+
+
+class _SharedSetting:
+    """A process-wide setting switched on while any thread needs it, off after the last one.
+
+    Patching a global around each call is not thread-safe on its own: with two calls
+    overlapping, the first to finish restores the old value under the second (which may then
+    compile without it), and the second then restores the first's patch for good. Here the
+    first caller in applies the value and the last one out undoes it; a caller that needs
+    another value waits until nobody holds the current one. A thread that already holds the
+    setting and nests a call needing another value runs with the held one (waiting would
+    deadlock; every value used here only changes speed, never results).
+    """
+
+    def __init__(self, apply: Callable[[Any], Callable[[], None]]) -> None:
+        self._apply = apply  # value → function that undoes it
+        self._condition = threading.Condition()
+        self._value: Any = None
+        self._undo: Callable[[], None] | None = None
+        self._users = 0
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def hold(self, value: Any) -> Iterator[None]:
+        depth = getattr(self._local, "depth", 0)
+        with self._condition:
+            while self._users and self._value != value and not depth:
+                self._condition.wait()
+            if not self._users:
+                self._undo = self._apply(value)
+                self._value = value
+            self._users += 1
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+            with self._condition:
+                self._users -= 1
+                if not self._users:
+                    undo, self._undo, self._value = self._undo, None, None
+                    try:
+                        if undo is not None:
+                            undo()
+                    finally:
+                        self._condition.notify_all()
+
+
+def _apply_inductor_config(config: dict[str, Any]) -> Callable[[], None]:
+    # Plain assignments, undone by whichever thread leaves last: inductor's own patch()
+    # must be exited by the thread that entered it.
+    import torch._inductor.config as inductor_config
+
+    before = {key: getattr(inductor_config, key) for key in config}
+    for key, value in config.items():
+        setattr(inductor_config, key, value)
+
+    def undo() -> None:
+        for key, value in before.items():
+            setattr(inductor_config, key, value)
+
+    return undo
+
+
+_INDUCTOR_SETTINGS = _SharedSetting(_apply_inductor_config)
+
+
+@functools.cache
+def _inductor_config_is_per_thread() -> bool:
+    """Whether a setting patched in one thread stays invisible to the others.
+
+    torch 2.13 keeps inductor's settings in context variables (one value per thread); older
+    versions in one process-wide dict. Found by trying rather than by version number: patch
+    ``freezing`` and read it back from a fresh context.
+    """
+    import torch._inductor.config as inductor_config
+
+    flipped = not inductor_config.freezing
+    with inductor_config.patch(freezing=flipped):
+        return contextvars.Context().run(lambda: inductor_config.freezing != flipped)
+
+
+def _inductor_patch(config: dict[str, Any]) -> contextlib.AbstractContextManager[Any]:
+    if not config:
+        return contextlib.nullcontext()
+    if _inductor_config_is_per_thread():
+        # Only this thread sees the patch: nothing shared, nothing to coordinate.
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(config)
+    return _INDUCTOR_SETTINGS.hold(config)
+
+
+# Inductor options for CPU inference. ``freezing`` turns the weights into constants so that
+# inductor can pre-pack them for oneDNN and fuse conv+ReLU and conv+add+ReLU (the residual sum)
+# into single kernels; without it a compiled ResNet is barely faster than eager on CPU.
+# ``cpp_wrapper`` calls those kernels from generated C++ instead of Python: it removes a few
+# microseconds per layer, which is 5-15% for ResNet-20 and at batch 1 (measured on 2 cores),
+# at the price of a slower first call.
+COMPILE_OPTIONS: dict[str, Any] = {"freezing": True, "cpp_wrapper": True}
+
+
+COMPILERS = ("inductor", "onednn_graph")
+
+
+def optimize(
+    model: nn.Module,
+    channels_last: bool = True,
+    compile: bool | str = False,
+) -> InferenceModel:
+    """The fastest float32 inference version of ``model`` on the current device.
+
+    Always folds BatchNorm into the convolutions (see :func:`fold_batchnorm`). With
+    ``channels_last`` the weights and every input are NHWC, the layout oneDNN's direct
+    convolutions use, which saves a reorder around every conv. ``compile`` picks a graph
+    compiler that fuses each ReLU and each residual addition into the convolution before it:
+
+    - ``True`` or ``"inductor"``: ``torch.compile`` with weight freezing (it compiles on the
+      first call for each batch size, which takes seconds).
+    - ``"onednn_graph"``: a frozen TorchScript trace run with oneDNN Graph fusion (see
+      :class:`OneDnnGraphModel`). Far less framework overhead per layer: on 2 cores it was
+      1.1-2.2× inductor at batch 1 and 1.0-1.1× at batch 32 (BENCHMARKS.md).
+
+    The original model is not modified; outputs match its eval-mode outputs to ~1e-6.
+    """
+    compiler = _compiler(compile)
+    folded = fold_batchnorm(model)
+    if channels_last:
+        folded = folded.to(memory_format=torch.channels_last)
+    if compiler == "onednn_graph":
+        # folded is already optimize's own copy: no second one.
+        folded = _pad_shortcuts_as_convolutions_in_place(folded)
+        return OneDnnGraphModel(folded, channels_last).eval()
+    if compiler == "inductor":
+        # dynamic=False: one specialised graph per batch size, as a deployment uses.
+        folded = torch.compile(folded, dynamic=False)
+    return InferenceModel(folded, channels_last, COMPILE_OPTIONS if compiler else None).eval()
+
+
+def _compiler(compile: bool | str) -> str | None:
+    if compile is True:
+        return "inductor"
+    if compile is False or compile is None:
+        return None
+    if compile not in COMPILERS:
+        raise ConfigError(f"unknown compiler {compile!r}: choose from {', '.join(COMPILERS)}")
+    return str(compile)
+
+
+def pad_shortcuts_as_convolutions(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in which each option-A shortcut (:class:`PadShortcut`: strided
+    subsampling, then zero channels appended) is the 1×1 convolution with the same stride that
+    computes it: weight 1 from input channel i to output channel i, 0 everywhere else, no bias.
+    For finite inputs the result is bitwise the same (only ones and zeros multiply); an inf
+    would turn the appended channels into NaN (0 × inf) and −0.0 comes out as +0.0.
+
+    For graph compilers: in a oneDNN Graph trace the slice and the pad are two framework calls
+    outside any fused partition, whereas the convolution joins one (with the residual addition
+    after it). ResNet-20 at batch 1 ran 6-10% faster so (2 threads, interleaved, in
+    ``benchmarks/onednn_graph_choices.py``); at batch 32 it made no difference. The
+    convolution costs (in × out) multiply-adds per output pixel, little next to the 3×3
+    branch beside it.
+    """
+
+    return _pad_shortcuts_as_convolutions_in_place(copy.deepcopy(model))
+
+
+def _pad_shortcuts_as_convolutions_in_place(model: nn.Module) -> nn.Module:
+    def convolution(pad: nn.Module, parent: nn.Module) -> nn.Module:
+        # The unit around the shortcut says where it computes (a model may mix dtypes).
+        return _pad_as_convolution(pad, *dtype_and_device(parent))
+
+    return _replace_modules(model, PadShortcut, convolution)
+
+
+def _pad_as_convolution(pad: PadShortcut, dtype: torch.dtype, device: torch.device) -> nn.Conv2d:
+    out_channels = pad.in_channels + pad.extra_channels
+    conv = nn.Conv2d(pad.in_channels, out_channels, 1, pad.stride, bias=False)
+    conv = conv.to(device=device, dtype=dtype)
+    kept = torch.arange(min(pad.in_channels, out_channels))  # a negative pad drops channels
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[kept, kept] = 1.0  # output channel i ← input channel i
+    return conv
+
+
+def _replace_modules(
+    model: nn.Module, kind: type[nn.Module], make: Callable[[nn.Module, nn.Module], nn.Module]
+) -> nn.Module:
+    """Replace, in place, every submodule of type ``kind`` by ``make(old, parent)`` and return
+    the model (``model`` itself may be one: then ``make(model, model)``)."""
+    if isinstance(model, kind):
+        return make(model, model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, kind):
+                setattr(parent, name, make(child, parent))
+    return model
+
+
+class OneDnnGraphModel(InferenceModel):
+    """A folded model traced to TorchScript, frozen, and run with oneDNN Graph fusion.
+
+    oneDNN Graph ("LLGA") takes the whole traced graph, groups conv + bias + residual add +
+    ReLU into compiled partitions and keeps tensors in oneDNN's blocked layouts between them.
+    Each partition is then one cached call, whereas every convolution that inductor emits goes
+    through PyTorch's generic oneDNN operator, which costs ~30 µs of CPU per call beyond the
+    kernel (profiled at ResNet-20 batch 1: ~53 µs per conv call, of which oneDNN reports
+    ~20 µs executing): at batch 1 that overhead is most of a ResNet-20's time.
+
+    Each input shape (with its strides, dtype and device) and torch thread count gets its own
+    trace, made on the first call with that shape and warmed up before that call returns, so
+    the first result already comes from the fused graph. Knowing the shape lets a plain
+    ResNet's pool + classifier head run as one convolution there (``_HeadAsConvolution`` in
+    this module). The first :data:`MAX_ONEDNN_GRAPHS` of these are traced; later ones run the
+    folded model eagerly (with a warning, once, and without waiting for other threads'
+    traces): each trace took ~55 MB more memory for a ResNet-50, and in a test during review
+    a dropped trace's memory did not come back (~13 MB per ResNet-20 trace, after gc and
+    malloc_trim), so a model fed ever-new shapes must stop tracing rather than replace old
+    traces.
+    PyTorch has deprecated TorchScript; :func:`onednn_graph_works` says whether this still works
+    in the installed version.
+
+    oneDNN fusion is a process-wide TorchScript switch. It is on only while a shape is traced
+    and warmed up: a warm graph keeps its fused plan with the switch off. Holding it on around
+    every call instead (thread-safely, as this class did before) cost 10% at ResNet-20 batch 1
+    and 4% at batch 32: removing it made those calls that much faster
+    (``benchmarks/onednn_graph_choices.py``). Other TorchScript code compiling while a shape is
+    traced sees the switch on.
+
+    Threads: calling it from several threads at once is safe, first calls included: one
+    thread traces and warms up a shape while the others wait, and a graph is published only
+    when warm.
+    """
+
+    # Whether a ResNet's head is traced as one convolution (off only to measure what it gains,
+    # in benchmarks/onednn_graph_choices.py).
+    head_as_convolution: bool = True
+
+    def __init__(self, model: nn.Module, channels_last: bool) -> None:
+        super().__init__(model, channels_last)
+        # (shape, strides, dtype, device, threads) → warm traced graph, in the order first seen.
+        self.graphs: dict[tuple[Any, ...], torch.jit.ScriptModule] = {}
+        self._warned_untraced = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # oneDNN Graph compiles its partitions for the thread count of the trace, and they keep
+        # it: traced on one thread and called on two, a ResNet-20 ran at one thread's speed
+        # (425 vs 319 µs at batch 1); traced on two and called on one, it still used more
+        # than one (354 µs against 422 for a trace on one). So each thread count gets its own.
+        key = (*_input_signature(x), torch.get_num_threads())
+        graph = self.graphs.get(key)
+        with torch.no_grad():
+            if graph is None and len(self.graphs) < MAX_ONEDNN_GRAPHS:
+                graph = self._trace(x, key)  # None if other threads took the last places
+            if graph is None:
+                self._warn_untraced()
+                return self.model(x)
+            return graph(x)
+
+    def _trace(self, x: Tensor, key: tuple[Any, ...]) -> torch.jit.ScriptModule | None:
+        with _FIRST_CALL_LOCK:
+            graph = self.graphs.get(key)  # another thread may have traced it while we waited
+            if graph is not None or len(self.graphs) >= MAX_ONEDNN_GRAPHS:
+                return graph
+            self.model.eval()  # before anything runs it: BatchNorm must not update statistics
+            with _onednn_fusion():
+                model = self.model
+                if self.head_as_convolution:
+                    model = _head_as_convolution(model, x, self.channels_last)
+                graph = _trace_and_freeze(model, x)
+                # The profiling executor fuses after its profiled runs: do them now.
+                for _ in range(torch._C._jit_get_num_profiled_runs() + 1):
+                    graph(x)
+            self.graphs[key] = graph
+            return graph
+
+    def _warn_untraced(self) -> None:
+        # Unlocked: two threads may both warn once; untraced calls never wait for a trace.
+        if not self._warned_untraced:
+            self._warned_untraced = True
+            warnings.warn(
+                f"this oneDNN Graph model has traced {MAX_ONEDNN_GRAPHS} input shapes and thread "
+                "counts (MAX_ONEDNN_GRAPHS); further ones run the folded model unfused",
+                # Points at the caller's line: here ← forward ← Module._call_impl ←
+                # Module._wrapped_call_impl ← the caller.
+                stacklevel=5,
+            )
+
+
+MAX_ONEDNN_GRAPHS = 8
+"""How many (input shape, thread count) pairs one :class:`OneDnnGraphModel` traces; later
+ones run eagerly."""
+
+
+class _HeadAsConvolution(nn.Module):
+    """A ResNet whose head (global average pool, then the linear classifier) runs as one
+    convolution, for inputs whose last feature map is ``height`` × ``width``.
+
+    Averaging over the map and then applying ``fc`` is the same linear map as a convolution
+    whose kernel covers the whole map, with weight ``fc.weight / (height × width)`` at every
+    position and ``fc``'s bias: equal up to float rounding. For oneDNN Graph that one
+    convolution is one partition, where the pool ran outside any partition as several framework
+    calls (a copy, a sum, a division; profiled) and the classifier as a partition of its own:
+    ResNet-20 ran 7% faster so at batch 1 and 3% at batch 32
+    (``benchmarks/onednn_graph_choices.py``). Shares the model's weights; adds the kernel.
+    """
+
+    def __init__(self, model: ResNet, height: int, width: int, channels_last: bool) -> None:
+        super().__init__()
+        self.model = model
+        fc = model.fc
+        assert isinstance(fc, nn.Linear)
+        # skip_init: no random initialisation (it would advance the global generator); every
+        # value is set below.
+        conv = torch.nn.utils.skip_init(
+            nn.Conv2d,
+            fc.in_features,
+            fc.out_features,
+            (height, width),
+            device=fc.weight.device,
+            dtype=fc.weight.dtype,
+        )
+        with torch.no_grad():
+            kernel = fc.weight / (height * width)
+            conv.weight.copy_(kernel[:, :, None, None].expand(-1, -1, height, width))
+            conv.bias.copy_(fc.bias)
+        self.conv = conv.to(memory_format=torch.channels_last) if channels_last else conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.flatten(self.conv(self.model.forward_features(x)), 1)
+
+
+# The head convolution does height × width times the classifier's multiply-adds per image (and
+# holds height × width times its weights). Up to 2**20 that is noise next to the network: 40,960
+# for ResNet-20 (0.1% of its 41 M). ResNet-50's would be 100 M with 400 MB of weights: it keeps
+# its pool.
+_MAX_HEAD_CONVOLUTION_MACS = 2**20
+
+
+def _head_as_convolution(model: nn.Module, x: Tensor, channels_last: bool) -> nn.Module:
+    """``model`` (in eval mode) with its head as a :class:`_HeadAsConvolution` for input
+    ``x``'s shape, or ``model`` itself where that would not compute the same or not pay off:
+    another architecture, no classifier, a head, forward, pool or classifier of its own (a
+    subclass), forward hooks on any of them, or a head convolution too large."""
+    plain_resnet = (
+        isinstance(model, ResNet)
+        and type(model).forward is ResNet.forward
+        and type(model).forward_head is ResNet.forward_head
+        and type(model.avgpool) is nn.AdaptiveAvgPool2d
+        and model.avgpool.output_size in (1, (1, 1))
+        and type(model.fc) is nn.Linear
+        and model.fc.bias is not None
+        and not any(_has_hooks(m) for m in (model, model.avgpool, model.fc))
+    )
+    if not plain_resnet:
+        return model
+    with torch.no_grad():
+        features = model.forward_features(x)
+    if features.dim() != 4:
+        return model
+    height, width = features.shape[-2:]
+    if model.fc.weight.numel() * height * width > _MAX_HEAD_CONVOLUTION_MACS:
+        return model
+    return _HeadAsConvolution(model, height, width, channels_last)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    # Hooks a rewritten head would skip: the module's own and the process-wide ones.
+    from torch.nn.modules import module as module_globals
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module_globals._global_forward_hooks
+        or module_globals._global_forward_pre_hooks
+    )
+
+
+def _apply_onednn_fusion(enabled: bool) -> Callable[[], None]:
+    before = torch._C._jit_llga_enabled()
+    torch.jit.enable_onednn_fusion(enabled)
+    return lambda: torch.jit.enable_onednn_fusion(before)
+
+
+_ONEDNN_FUSION = _SharedSetting(_apply_onednn_fusion)
+
+
+def _onednn_fusion() -> contextlib.AbstractContextManager[Any]:
+    # A process-wide switch: on only while a graph is traced and warmed up, so other
+    # TorchScript code is unaffected the rest of the time. (torch.jit.fuser("fuser3") does the
+    # same but warns about nvfuser on every call.)
+    return _ONEDNN_FUSION.hold(True)
+
+
+def _trace_and_freeze(model: nn.Module, example: Tensor) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        # "torch.jit.trace is deprecated": known, and checked by onednn_graph_works().
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
+        return torch.jit.freeze(torch.jit.trace(model.eval(), example))
+
+
+def compile_works() -> tuple[bool, str]:
+    """Whether ``torch.compile`` can build CPU kernels here (needs a C++ compiler), and why not."""
+    try:
+        fn = torch.compile(lambda x: torch.relu(x) + 1)
+        with torch.no_grad(), _inductor_patch(COMPILE_OPTIONS):
+            fn(torch.randn(4))
+    except Exception as exc:  # inductor fails with many types when no toolchain exists
+        return False, f"{type(exc).__name__}: {first_line(exc)}"[:200]
+    return True, ""
+
+
+def onednn_graph_works() -> tuple[bool, str]:
+    """Whether oneDNN Graph fusion through TorchScript runs here, and why not."""
+    if not torch.backends.mkldnn.is_available():
+        return False, "this PyTorch build has no oneDNN"
+    try:
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()).eval()
+        x = torch.randn(1, 3, 8, 8)
+        fused = OneDnnGraphModel(net, channels_last=False)
+        if relative_difference(fused(x), net(x)) > 1e-5:
+            return False, "its output differs from the model's"
+    except Exception as exc:  # TorchScript fails with many types once it is removed
+        return False, f"{type(exc).__name__}: {first_line(exc)}"[:200]
+    return True, ""
+
+
+__all__ = [
+    "COMPILERS",
+    "COMPILE_OPTIONS",
+    "MAX_ONEDNN_GRAPHS",
+    "InferenceModel",
+    "OneDnnGraphModel",
+    "compile_works",
+    "onednn_graph_works",
+    "optimize",
+    "pad_shortcuts_as_convolutions",
+]

@@ -1,0 +1,264 @@
+"""Throughput of the ways of running one network, side by side in one process.
+
+:func:`build_variants` makes each variant, :func:`compare_variants` times them interleaved
+and checks every output against the eager model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from resunit.deploy.folding import relative_difference
+from resunit.deploy.inference import compile_works, onednn_graph_works, optimize
+from resunit.deploy.int8 import pt2e_available, quantize, quantize_pt2e
+from resunit.deploy.onnx_export import (
+    OnnxRuntimeModel,
+    _scratch_dir,
+    export_onnx,
+    onnx_available,
+)
+from resunit.errors import ConfigError
+
+
+@dataclass
+class Variant:
+    """One way of running the same network: a name, what it is, and ``run(x) → logits``."""
+
+    name: str
+    description: str
+    run: Callable[[Tensor], Tensor]
+    input_layout: str = "nchw"
+    # Its threads busy-wait after a call, taking the cores from whatever runs next; the
+    # measurement pauses after it (see measure_interleaved).
+    spinning: bool = False
+
+
+VARIANTS = (
+    "eager",
+    "folded",
+    "folded_cl",
+    "compiled",
+    "onednn_graph",
+    "onnxruntime",
+    "onnxruntime_spin",
+    "int8",
+    "int8_pt2e",
+)
+# What `resunit bench` compares by default: every float32 way of running the model.
+FLOAT32_VARIANTS = VARIANTS[:7]
+VARIANT_DESCRIPTIONS = {
+    "eager": "PyTorch eager, NCHW float32, BatchNorm not folded",
+    "folded": "BatchNorm folded into the convs, NCHW",
+    "folded_cl": "BatchNorm folded, channels_last (NHWC)",
+    "compiled": "folded + channels_last + torch.compile (freezing: fused conv+ReLU/add)",
+    "onednn_graph": "folded + channels_last + TorchScript trace with oneDNN Graph fusion",
+    "onnxruntime": "ONNX Runtime float32 on the exported folded graph",
+    "onnxruntime_spin": "the same, worker threads spinning between ops (ORT's default)",
+    "int8": "ONNX Runtime int8 (static, per-channel, QDQ)",
+    "int8_pt2e": "PyTorch int8: PT2E X86 Inductor quantizer + torch.compile (torchao)",
+}
+
+
+def build_variants(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    names: Sequence[str] = FLOAT32_VARIANTS,
+    *,
+    threads: int | None = None,
+    calibration_batches: Sequence[Tensor] | None = None,
+) -> tuple[dict[str, Variant], dict[str, str]]:
+    """Build the requested inference variants of ``model``; returns (variants, skipped→why).
+
+    A variant that cannot run here (no ONNX extra, no compiler for ``torch.compile``) is
+    skipped with its reason instead of failing the whole comparison.
+    """
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ConfigError(
+            f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}"
+        )
+    eager = copy.deepcopy(model).eval()
+    variants: dict[str, Variant] = {}
+    skipped: dict[str, str] = {}
+
+    def add(name: str, run: Callable[[Tensor], Tensor], spinning: bool | None = None) -> None:
+        if spinning is None:  # a PyTorch variant
+            spinning = openmp_threads_spin()
+        variants[name] = Variant(name, VARIANT_DESCRIPTIONS[name], run, spinning=spinning)
+
+    for name in names:
+        if name == "eager":
+            add(name, _no_grad(eager))
+        elif name == "folded":
+            add(name, optimize(eager, channels_last=False))
+        elif name == "folded_cl":
+            add(name, optimize(eager, channels_last=True))
+        elif name == "compiled":
+            works, why = compile_works()
+            if works:
+                add(name, optimize(eager, channels_last=True, compile=True))
+            else:
+                skipped[name] = f"torch.compile does not work here ({why})"
+        elif name == "onednn_graph":
+            works, why = onednn_graph_works()
+            if works:
+                add(name, optimize(eager, channels_last=True, compile="onednn_graph"))
+            else:
+                skipped[name] = f"oneDNN Graph fusion does not work here ({why})"
+        elif name in ("onnxruntime", "onnxruntime_spin", "int8"):
+            if not onnx_available():
+                skipped[name] = "the [onnx] extra is not installed"
+            elif name.startswith("onnxruntime"):
+                path = _scratch_dir() / f"bench-{id(eager)}.onnx"
+                if not path.exists():
+                    export_onnx(eager, path, input_shape, dynamic_batch=True)
+                spin = name == "onnxruntime_spin"
+                add(name, OnnxRuntimeModel(path, threads, spin=spin), spinning=spin)
+            elif calibration_batches is None:
+                skipped[name] = "no calibration batches given"
+            else:
+                path = _scratch_dir() / f"bench-{id(eager)}.int8.onnx"
+                add(name, quantize(eager, calibration_batches, path, threads=threads), False)
+        elif name == "int8_pt2e":
+            if not pt2e_available():
+                skipped[name] = "torchao is not installed"
+            elif calibration_batches is None:
+                skipped[name] = "no calibration batches given"
+            else:
+                add(name, quantize_pt2e(eager, calibration_batches))
+    return variants, skipped
+
+
+def openmp_threads_spin() -> bool:
+    """Whether PyTorch's OpenMP threads busy-wait after each parallel region, as GNU OpenMP's
+    default wait policy has them do for a while (unless ``OMP_WAIT_POLICY=PASSIVE``).
+
+    Like ONNX Runtime's spinning threads, they then take the cores from whatever runs next:
+    in one process, ONNX Runtime at ResNet-20 batch 1 measured 2170 img/s when it always ran
+    right after ``onednn_graph`` and 3190 when another variant came between (2026-11-29).
+    """
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE"
+
+
+def _no_grad(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    def run(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return model(x)
+
+    return run
+
+
+@dataclass
+class Timing:
+    """Repeated timings of one variant on one batch size."""
+
+    name: str
+    batch: int
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.batch / self.median_seconds
+
+
+def measure_interleaved(
+    runners: dict[str, Callable[[], Any]],
+    batch: int,
+    *,
+    repeats: int = 10,
+    warmup: int = 2,
+    block: int | dict[str, int] = 2,
+    spinning: Iterable[str] = (),
+) -> dict[str, Timing]:
+    """Time every runner ``repeats`` times, interleaved, after ``warmup`` untimed rounds.
+
+    Each round runs every variant once, starting from a different one each round, so slow
+    phases of a shared machine hit all variants alike; report medians and compare ratios.
+    Within a round a variant runs ``block`` calls back to back (a number, or one per variant)
+    and only the calls after the first are timed, their mean being the round's sample: the
+    first one refills the caches and wakes the threads that the previous variant left cold,
+    which would otherwise be charged to whichever variant comes next (a model in service runs
+    call after call). Runners named in ``spinning`` keep their threads
+    busy-waiting after a call, taking the cores from the next variant: a short pause follows
+    their block (we measured the interference gone after 10-50 ms on 2 cores). That is ONNX
+    Runtime with spinning threads and, by default, every PyTorch variant too
+    (:func:`openmp_threads_spin`).
+    """
+    names = list(runners)
+    blocks = block if isinstance(block, dict) else dict.fromkeys(names, block)
+    if min(blocks.values()) < 2:
+        raise ConfigError("block must be at least 2: its first call is never timed")
+    spinning = set(spinning)
+    timings = {name: Timing(name, batch) for name in names}
+    for round_index in range(warmup + repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            runners[name]()  # warms up, untimed
+            start = time.perf_counter()
+            for _ in range(blocks[name] - 1):
+                runners[name]()
+            elapsed = (time.perf_counter() - start) / (blocks[name] - 1)
+            if round_index >= warmup:
+                timings[name].seconds.append(elapsed)
+            if name in spinning:
+                time.sleep(0.1)
+    return timings
+
+
+def compare_variants(
+    variants: dict[str, Variant],
+    x: Tensor,
+    reference: Tensor,
+    *,
+    repeats: int,
+    warmup: int = 2,
+    block_seconds: float = 0.05,
+) -> tuple[dict[str, Timing], dict[str, float]]:
+    """Time every variant on ``x`` (see :func:`measure_interleaved`) and check its output.
+
+    Each variant's block holds as many calls as fill about ``block_seconds`` (2 to 21 calls):
+    fast variants are timed over many consecutive calls, slow ones over one after a warm-up.
+    Returns the timings and each variant's largest difference from ``reference`` relative to
+    the output's scale. The output is taken from the first call, which compiles or plans and
+    is never timed.
+    """
+    with torch.no_grad():
+        differences = {n: relative_difference(v.run(x), reference) for n, v in variants.items()}
+    runners = {name: (lambda v=v: v.run(x)) for name, v in variants.items()}
+    blocks = {}
+    for name, run in runners.items():
+        start = time.perf_counter()
+        run()
+        per_call = time.perf_counter() - start
+        blocks[name] = 1 + min(20, max(1, round(block_seconds / per_call)))
+    spinning = [name for name, v in variants.items() if v.spinning]
+    timings = measure_interleaved(
+        runners, len(x), repeats=repeats, warmup=warmup, block=blocks, spinning=spinning
+    )
+    return timings, differences
+
+
+__all__ = [
+    "FLOAT32_VARIANTS",
+    "VARIANTS",
+    "VARIANT_DESCRIPTIONS",
+    "Timing",
+    "Variant",
+    "build_variants",
+    "compare_variants",
+    "measure_interleaved",
+    "openmp_threads_spin",
+]
