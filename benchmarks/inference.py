@@ -162,7 +162,7 @@ def pt2e_accuracy(checkpoint: Path) -> tuple[float, float]:
     from resunit.checkpoint import load_model
     from resunit.cli.deploy import DEFAULT_CALIBRATION_BATCHES, calibration_sample
     from resunit.data import load_dataset
-    from resunit.train import evaluate, top1_agreement
+    from resunit.evaluation import evaluate, top1_agreement
 
     model, config = load_model(checkpoint)
     train_set = load_dataset(config["data"], "train")

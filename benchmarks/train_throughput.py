@@ -45,8 +45,9 @@ from PIL import Image, ImageOps
 from results_file import write_results
 from resunit.allocator import retain_freed_memory
 from resunit.data import augment, load_dataset
+from resunit.evaluation import prepare_batch
 from resunit.models import create_model
-from resunit.train import make_config, make_optimizer, prepare_batch, read_metrics
+from resunit.train import make_config, make_optimizer, read_metrics
 
 BATCH = 128
 STEPS = 6  # steps per epoch (per timed chunk for the bare step)

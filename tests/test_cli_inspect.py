@@ -13,7 +13,8 @@ from resunit.checkpoint import load_model
 from resunit.cli import main
 from resunit.cli.inspect import _count
 from resunit.data import load_dataset
-from resunit.train import evaluate, make_config, train
+from resunit.evaluation import evaluate
+from resunit.train import make_config, train
 
 
 @pytest.fixture(scope="module")

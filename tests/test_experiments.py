@@ -13,6 +13,7 @@ from resunit.checkpoint import load_model
 from resunit.cli import main
 from resunit.data import load_dataset
 from resunit.errors import ConfigError
+from resunit.evaluation import evaluate
 from resunit.experiments import (
     DegradationConfig,
     degradation_verdict,
@@ -21,7 +22,6 @@ from resunit.experiments import (
     summarize_degradation,
     train_network,
 )
-from resunit.train import evaluate
 
 
 def _row(family: str, depth: int, train_error: float, test_error: float = 0.5) -> dict:

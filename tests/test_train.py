@@ -16,18 +16,16 @@ from resunit import deploy
 from resunit.checkpoint import load_model, read_checkpoint
 from resunit.data import load_dataset
 from resunit.errors import ConfigError, DatasetError, TrainingError
+from resunit.evaluation import evaluate, prepare_batch, top1_agreement
 from resunit.models import create_model
 from resunit.train import (
     RECIPES,
     TrainConfig,
-    evaluate,
     learning_rate,
     make_config,
     make_optimizer,
-    prepare_batch,
     read_metrics,
     shard_indices,
-    top1_agreement,
     train,
     weights_digest,
 )

@@ -527,7 +527,7 @@ def lesion_study(
     Returns ``intact_accuracy`` and one row per unit with ``accuracy`` (None where the unit
     cannot be removed: a plain unit that changes shape) and ``drop`` = intact − lesioned.
     """
-    from resunit.train import evaluate
+    from resunit.evaluation import evaluate
 
     def accuracy() -> float:
         return evaluate(model, dataset, batch_size, input_size=input_size)["accuracy"]
@@ -670,7 +670,8 @@ def analyze_checkpoint(
     directory is checked before the analysis starts, so a bad one fails in a second.
     """
     from resunit.checkpoint import FEEDING_FIELDS, load_model
-    from resunit.train import load_run_data, prepare_batch
+    from resunit.evaluation import prepare_batch
+    from resunit.train import load_run_data
 
     # Named for both audiences: the Python argument and the CLI flag that sets it.
     batch_size = _require_int("batch_size (--batch-size)", batch_size, 1)

@@ -28,6 +28,7 @@ from torch import nn
 from resunit.checkpoint import read_checkpoint, save_checkpoint
 from resunit.data import ImageDataset, augment, load_dataset
 from resunit.errors import CheckpointError, ConfigError
+from resunit.evaluation import evaluate, prepare_batch
 from resunit.models import create_model, list_models
 from resunit.outputs import CHOOSE_ANOTHER_OUT, check_output_location, write_json, write_jsonl
 from resunit.report import read_jsonl
@@ -36,11 +37,9 @@ from resunit.train import (
     TrainConfig,
     check_cutout,
     checkpoint_config,
-    evaluate,
     learning_rate,
     make_config,
     make_optimizer,
-    prepare_batch,
     resolve_device,
     restore_torch_threads,
 )

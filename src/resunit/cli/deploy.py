@@ -194,7 +194,8 @@ def _export_int8(
     data_root: str | None,
 ) -> dict[str, Any]:
     from resunit import deploy
-    from resunit.train import evaluate, load_run_data, top1_agreement
+    from resunit.evaluation import evaluate, top1_agreement
+    from resunit.train import load_run_data
 
     # The data as the run saw it: same options and partition, its training normalisation.
     train_set = load_run_data(config, "train", root=data_root)
@@ -236,7 +237,7 @@ def calibration_sample(
     """Up to ``batches`` normalised batches of ``CALIBRATION_BATCH_SIZE`` images for int8
     calibration: a seeded sample of the training split, so every class and never a test
     image, and the same images each time."""
-    from resunit.train import prepare_batch
+    from resunit.evaluation import prepare_batch
 
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
     chosen = order[: batches * CALIBRATION_BATCH_SIZE]

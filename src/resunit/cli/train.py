@@ -299,7 +299,8 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from resunit.checkpoint import FEEDING_FIELDS, load_model
-    from resunit.train import evaluate, load_run_data
+    from resunit.evaluation import evaluate
+    from resunit.train import load_run_data
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be ≥ 1, got {args.batch_size}")
