@@ -16,6 +16,9 @@ Each variant adds one choice to the one before; the last is what ``optimize`` bu
 5. ``+head_conv``: the global pool + classifier traced as one whole-map convolution (a fused
    partition) where that is cheap (``_HeadAsConvolution``; not for ResNet-50, whose
    2048 × 1000 × 7 × 7 head convolution would cost more than it saves).
+6. ``+cache_pieces``: a batch whose residual units' tensors would fill the last-level cache
+   four times over runs in cache-sized pieces (``cache_sized_batch``: ResNet-50 at batch 32,
+   in pieces of 4 on a 32 MB L3).
 
 All run interleaved in one process (``resunit.deploy.measure_interleaved``: blocks of ~50 ms,
 the first call of each block untimed), median of ``--repeats`` rounds, on the same random NCHW
@@ -49,7 +52,11 @@ from resunit.deploy import (
 from resunit.deploy.inference import _onednn_fusion  # the per-call hold +switch_once removed
 
 
-class _PoolHead(OneDnnGraphModel):
+class _WholeBatch(OneDnnGraphModel):
+    split_large_batches = False
+
+
+class _PoolHead(_WholeBatch):
     head_as_convolution = False
 
 
@@ -73,7 +80,8 @@ def variants(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
         "+channels_last": _SwitchEveryCall(folded(True, False), channels_last=True).eval(),
         "+shortcut_conv": _SwitchEveryCall(folded(True, True), channels_last=True).eval(),
         "+switch_once": _PoolHead(folded(True, True), channels_last=True).eval(),
-        "+head_conv": optimize(model, channels_last=True, compile="onednn_graph"),
+        "+head_conv": _WholeBatch(optimize(model, compile="onednn_graph").model, True).eval(),
+        "+cache_pieces": optimize(model, channels_last=True, compile="onednn_graph"),
     }
 
 

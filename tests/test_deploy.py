@@ -632,6 +632,71 @@ def test_onednn_graph_traces_a_bounded_number_of_shapes_and_runs_later_ones_eage
     assert [key[0][0] for key in fast.graphs] == [1, 2]
 
 
+def test_unit_working_set_counts_a_units_input_and_every_convolution_output_per_image():
+    # ResNet-50 at 64×64: stage 1 runs at 16×16. Its first bottleneck reads a 64-channel input
+    # and writes conv1 (64), conv2 (64), conv3 (256) and the projection (256): 704 maps.
+    model = create_model("resnet50").eval()
+    per_image = 704 * 16 * 16 * 4
+    assert inference.unit_working_set(model, torch.randn(1, 3, 64, 64)) == per_image
+    assert inference.unit_working_set(model, torch.randn(3, 3, 64, 64)) == per_image
+    # ResNet-20 at 32×32: a stage-1 unit reads 16 channels and writes two 16-channel maps.
+    assert (
+        inference.unit_working_set(_model("resnet20"), _input("resnet20", 1)) == 3 * 16 * 32**2 * 4
+    )
+    assert inference.unit_working_set(nn.Sequential(nn.Conv2d(3, 8, 3)), _input("resnet20")) == 0
+
+
+def test_cache_sized_batch_is_the_cache_over_a_units_bytes_per_image(monkeypatch):
+    model, x = _model("resnet20"), _input("resnet20", 1)
+    per_image = inference.unit_working_set(model, x)
+    for cache, expected in ((10 * per_image, 10), (int(2.6 * per_image), 3), (per_image // 3, 1)):
+        monkeypatch.setattr(inference, "last_level_cache_bytes", lambda cache=cache: cache)
+        assert inference.cache_sized_batch(model, x) == expected
+    monkeypatch.setattr(inference, "last_level_cache_bytes", lambda: None)
+    assert inference.cache_sized_batch(model, x) is None  # unknown cache: never split
+
+
+def test_last_level_cache_size_is_read_from_sysfs(tmp_path):
+    def cache_dir(index: int, level: str, size: str) -> None:
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "level").write_text(level + "\n")
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+
+    read = inference.last_level_cache_bytes.__wrapped__  # not the cached answer for this machine
+    assert read(tmp_path) is None
+    cache_dir(0, "1", "48K")
+    cache_dir(2, "2", "1024K")
+    assert read(tmp_path) is None  # no level 3
+    cache_dir(3, "3", "32768K")
+    assert read(tmp_path) == 32 * 2**20
+    (tmp_path / "index3" / "size").write_text("96M")
+    assert read(tmp_path) == 96 * 2**20
+
+
+@needs_onednn_graph
+def test_onednn_graph_runs_a_batch_that_overflows_the_cache_in_even_pieces(monkeypatch):
+    model, x = _model("resnet20"), _input("resnet20", batch=10)
+    per_image = inference.unit_working_set(model, x[:1])
+    monkeypatch.setattr(inference, "last_level_cache_bytes", lambda: 3 * per_image)
+    fast = optimize(model, channels_last=True, compile="onednn_graph")
+    with torch.no_grad():
+        expected = model(x)
+        # 10 images are under 4 caches' worth (4 × 3): one piece, one trace.
+        assert relative_difference(fast(x), expected) <= 1e-5
+        assert [key[0][0] for key in fast.graphs] == [10]
+        # 12 are not: pieces of 3, each traced once, outputs in order.
+        big = torch.cat([x, x[:2]])
+        assert relative_difference(fast(big), torch.cat([expected, expected[:2]])) <= 1e-5
+        assert [key[0][0] for key in fast.graphs] == [10, 3]
+        # 13 make five pieces as even as can be: 3, 3, 3, 2, 2 — two shapes, not a remainder.
+        odd = torch.cat([x, x[:3]])
+        assert relative_difference(fast(odd), torch.cat([expected, expected[:3]])) <= 1e-5
+        assert [key[0][0] for key in fast.graphs] == [10, 3, 2]
+        fast.split_large_batches = False
+        assert relative_difference(fast(big), torch.cat([expected, expected[:2]])) <= 1e-5
+        assert [key[0][0] for key in fast.graphs] == [10, 3, 2, 12]
+
+
 @needs_onednn_graph
 def test_onednn_graph_traces_again_for_another_thread_count():
     # oneDNN Graph compiles for the trace's thread count and keeps it: a graph traced on one

@@ -29,10 +29,13 @@ from resunit.deploy.inference import (
     MAX_ONEDNN_GRAPHS,
     InferenceModel,
     OneDnnGraphModel,
+    cache_sized_batch,
     compile_works,
+    last_level_cache_bytes,
     onednn_graph_works,
     optimize,
     pad_shortcuts_as_convolutions,
+    unit_working_set,
 )
 from resunit.deploy.int8 import pt2e_available, quantize, quantize_pt2e
 from resunit.deploy.onnx_export import (
@@ -80,6 +83,7 @@ __all__ = [
     "Timing",
     "Variant",
     "build_variants",
+    "cache_sized_batch",
     "check_input_channels",
     "compare_variants",
     "compile_works",
@@ -87,6 +91,7 @@ __all__ = [
     "export_onnx",
     "fold_batchnorm",
     "fold_conv_bn",
+    "last_level_cache_bytes",
     "measure_interleaved",
     "onednn_graph_works",
     "onnx_available",
@@ -101,5 +106,6 @@ __all__ = [
     "relative_difference",
     "require_onnx",
     "retain_freed_memory",
+    "unit_working_set",
     "verify_onnx",
 ]
