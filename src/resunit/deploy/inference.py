@@ -354,7 +354,9 @@ class OneDnnGraphModel(InferenceModel):
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        piece = self._piece_size(x) if self.split_large_batches else None
+        # (Pieces hold at least one image: smaller batches skip the lookup, batch 1 above all.)
+        split = self.split_large_batches and len(x) >= _SPLIT_FROM_CACHES
+        piece = self._piece_size(x) if split else None
         if piece is not None and len(x) >= _SPLIT_FROM_CACHES * piece:
             # Pieces as even as can be (sizes differ by at most one): at most two traces.
             pieces = x.tensor_split(math.ceil(len(x) / piece))
