@@ -698,6 +698,20 @@ def test_onednn_graph_runs_a_batch_that_overflows_the_cache_in_even_pieces(monke
 
 
 @needs_onednn_graph
+def test_onednn_graph_does_not_measure_pieces_once_no_trace_place_is_left(monkeypatch):
+    # Measuring hooks the model; once every place is taken, other threads run it eagerly.
+    monkeypatch.setattr(inference, "MAX_ONEDNN_GRAPHS", 1)
+    model, x = _model("resnet20"), _input("resnet20", batch=12)
+    monkeypatch.setattr(inference, "last_level_cache_bytes", lambda: 1)  # pieces of 1
+    fast = optimize(model, channels_last=True, compile="onednn_graph")
+    with torch.no_grad():
+        fast(x[:1])
+        with pytest.warns(UserWarning, match="traced 1 input shapes"):
+            assert relative_difference(fast(x), model(x)) <= 1e-5
+    assert fast.piece_sizes == {} and [key[0][0] for key in fast.graphs] == [1]
+
+
+@needs_onednn_graph
 def test_onednn_graph_traces_again_for_another_thread_count():
     # oneDNN Graph compiles for the trace's thread count and keeps it: a graph traced on one
     # thread ran at one thread's speed when called on two (measured; see OneDnnGraphModel).

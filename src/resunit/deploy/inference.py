@@ -369,9 +369,15 @@ class OneDnnGraphModel(InferenceModel):
         key = (tuple(x.shape[1:]), x.dtype, x.device)
         if key not in self.piece_sizes:
             with _FIRST_CALL_LOCK, torch.no_grad():
-                if key not in self.piece_sizes:
-                    self.model.eval()
-                    self.piece_sizes[key] = cache_sized_batch(self.model, x[:1])
+                if key in self.piece_sizes:
+                    return self.piece_sizes[key]
+                # Measuring adds hooks to the model for a moment. No other thread runs it then:
+                # calls run the model itself only once every trace place is taken (and only
+                # this lock takes them), and then pieces could not be traced anyway.
+                if len(self.graphs) >= MAX_ONEDNN_GRAPHS:
+                    return None
+                self.model.eval()
+                self.piece_sizes[key] = cache_sized_batch(self.model, x[:1])
         return self.piece_sizes[key]
 
     def _run(self, x: Tensor) -> Tensor:
