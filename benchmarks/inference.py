@@ -160,8 +160,8 @@ def pt2e_accuracy(checkpoint: Path) -> tuple[float, float]:
     """Test accuracy of the PT2E int8 model, calibrated on the same images as the CLI's, and
     how often it predicts the float32 model's class."""
     from resunit.checkpoint import load_model
-    from resunit.cli.deploy import DEFAULT_CALIBRATION_BATCHES, calibration_sample
     from resunit.data import load_dataset
+    from resunit.deploy.int8 import DEFAULT_CALIBRATION_BATCHES, calibration_sample
     from resunit.evaluation import evaluate, top1_agreement
 
     model, config = load_model(checkpoint)

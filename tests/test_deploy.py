@@ -18,6 +18,7 @@ from resunit import analysis, deploy
 from resunit.blocks import BasicBlock, PadShortcut
 from resunit.deploy import (
     DeployError,
+    cache_pieces,
     count_multiply_adds,
     fold_batchnorm,
     fold_conv_bn,
@@ -637,23 +638,27 @@ def test_unit_working_set_counts_a_units_input_and_every_convolution_output_per_
     # and writes conv1 (64), conv2 (64), conv3 (256) and the projection (256): 704 maps.
     model = create_model("resnet50").eval()
     per_image = 704 * 16 * 16 * 4
-    assert inference.unit_working_set(model, torch.randn(1, 3, 64, 64)) == per_image
-    assert inference.unit_working_set(model, torch.randn(3, 3, 64, 64)) == per_image
+    assert cache_pieces.unit_working_set(model, torch.randn(1, 3, 64, 64)) == per_image
+    assert cache_pieces.unit_working_set(model, torch.randn(3, 3, 64, 64)) == per_image
     # ResNet-20 at 32×32: a stage-1 unit reads 16 channels and writes two 16-channel maps.
     assert (
-        inference.unit_working_set(_model("resnet20"), _input("resnet20", 1)) == 3 * 16 * 32**2 * 4
+        cache_pieces.unit_working_set(_model("resnet20"), _input("resnet20", 1))
+        == 3 * 16 * 32**2 * 4
     )
-    assert inference.unit_working_set(nn.Sequential(nn.Conv2d(3, 8, 3)), _input("resnet20")) == 0
+    assert cache_pieces.unit_working_set(nn.Sequential(nn.Conv2d(3, 8, 3)), _input("resnet20")) == 0
 
 
 def test_cache_sized_batch_is_the_cache_over_a_units_bytes_per_image(monkeypatch):
     model, x = _model("resnet20"), _input("resnet20", 1)
-    per_image = inference.unit_working_set(model, x)
+    per_image = cache_pieces.unit_working_set(model, x)
     for cache, expected in ((10 * per_image, 10), (int(2.6 * per_image), 3), (per_image // 3, 1)):
-        monkeypatch.setattr(inference, "last_level_cache_bytes", lambda cache=cache: cache)
-        assert inference.cache_sized_batch(model, x) == expected
-    monkeypatch.setattr(inference, "last_level_cache_bytes", lambda: None)
-    assert inference.cache_sized_batch(model, x) is None  # unknown cache: never split
+        monkeypatch.setattr(cache_pieces, "last_level_cache_bytes", lambda cache=cache: cache)
+        assert cache_pieces.cache_sized_batch(model, x) == expected
+    monkeypatch.setattr(cache_pieces, "last_level_cache_bytes", lambda: None)
+    assert cache_pieces.cache_sized_batch(model, x) is None  # unknown cache: never split
+    monkeypatch.setattr(cache_pieces, "last_level_cache_bytes", lambda: 10 * per_image)
+    # Not a CPU tensor: no CPU cache to fit (and the model is not run on it).
+    assert cache_pieces.cache_sized_batch(model, torch.empty(1, 3, 32, 32, device="meta")) is None
 
 
 def test_last_level_cache_size_is_read_from_sysfs(tmp_path):
@@ -662,7 +667,7 @@ def test_last_level_cache_size_is_read_from_sysfs(tmp_path):
         (tmp_path / f"index{index}" / "level").write_text(level + "\n")
         (tmp_path / f"index{index}" / "size").write_text(size + "\n")
 
-    read = inference.last_level_cache_bytes.__wrapped__  # not the cached answer for this machine
+    read = cache_pieces.last_level_cache_bytes.__wrapped__  # not the cached answer for this machine
     assert read(tmp_path) is None
     cache_dir(0, "1", "48K")
     cache_dir(2, "2", "1024K")
@@ -671,13 +676,16 @@ def test_last_level_cache_size_is_read_from_sysfs(tmp_path):
     assert read(tmp_path) == 32 * 2**20
     (tmp_path / "index3" / "size").write_text("96M")
     assert read(tmp_path) == 96 * 2**20
+    for unreadable in ("", "lots"):  # skipped, not an error in every call of the model
+        (tmp_path / "index3" / "size").write_text(unreadable)
+        assert read(tmp_path) is None
 
 
 @needs_onednn_graph
 def test_onednn_graph_runs_a_batch_that_overflows_the_cache_in_even_pieces(monkeypatch):
     model, x = _model("resnet20"), _input("resnet20", batch=10)
-    per_image = inference.unit_working_set(model, x[:1])
-    monkeypatch.setattr(inference, "last_level_cache_bytes", lambda: 3 * per_image)
+    per_image = cache_pieces.unit_working_set(model, x[:1])
+    monkeypatch.setattr(cache_pieces, "last_level_cache_bytes", lambda: 3 * per_image)
     fast = optimize(model, channels_last=True, compile="onednn_graph")
     with torch.no_grad():
         expected = model(x)
@@ -698,17 +706,53 @@ def test_onednn_graph_runs_a_batch_that_overflows_the_cache_in_even_pieces(monke
 
 
 @needs_onednn_graph
-def test_onednn_graph_does_not_measure_pieces_once_no_trace_place_is_left(monkeypatch):
-    # Measuring hooks the model; once every place is taken, other threads run it eagerly.
+def test_onednn_graph_neither_measures_nor_waits_once_no_trace_place_is_left(monkeypatch):
+    # Measuring hooks the model, and other threads run it eagerly once every place is taken;
+    # such calls must not wait on the process-wide first-call lock either.
     monkeypatch.setattr(inference, "MAX_ONEDNN_GRAPHS", 1)
     model, x = _model("resnet20"), _input("resnet20", batch=12)
-    monkeypatch.setattr(inference, "last_level_cache_bytes", lambda: 1)  # pieces of 1
+    monkeypatch.setattr(cache_pieces, "last_level_cache_bytes", lambda: 1)  # pieces of 1
     fast = optimize(model, channels_last=True, compile="onednn_graph")
     with torch.no_grad():
         fast(x[:1])
+    held, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:  # as another model's long first call would
+        with inference._FIRST_CALL_LOCK:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    held.wait(10)
+    outputs = []
+    try:
         with pytest.warns(UserWarning, match="traced 1 input shapes"):
-            assert relative_difference(fast(x), model(x)) <= 1e-5
+            caller = threading.Thread(target=lambda: outputs.append(fast(x)))
+            caller.start()
+            caller.join(20)
+            assert not caller.is_alive()  # ran while the lock was held
+    finally:
+        release.set()
+        holder.join()
+    with torch.no_grad():
+        assert relative_difference(outputs[0], model(x)) <= 1e-5
     assert fast.piece_sizes == {} and [key[0][0] for key in fast.graphs] == [1]
+
+
+@needs_onednn_graph
+def test_onednn_graph_warning_points_at_the_caller_when_pieces_run_eagerly(monkeypatch):
+    monkeypatch.setattr(inference, "MAX_ONEDNN_GRAPHS", 1)
+    model, x = _model("resnet20"), _input("resnet20", batch=13)
+    per_image = cache_pieces.unit_working_set(model, x[:1])
+    monkeypatch.setattr(cache_pieces, "last_level_cache_bytes", lambda: 3 * per_image)
+    fast = optimize(model, channels_last=True, compile="onednn_graph")
+    with pytest.warns(UserWarning, match="traced 1 input shapes") as caught:
+        out = fast(x)  # pieces 3, 3, 3, 2, 2: the 3 takes the place, the 2s run eagerly
+    assert caught[0].filename == __file__
+    with torch.no_grad():
+        assert relative_difference(out, model(x)) <= 1e-5
+    assert [key[0][0] for key in fast.graphs] == [3]
 
 
 @needs_onednn_graph

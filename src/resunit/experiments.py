@@ -156,23 +156,22 @@ def _check_locations(out: Path, names: Sequence[str]) -> None:
     check_output_location(out, "--out", kind="directory")
     if (out / "config.json").exists():  # both write summary.json
         raise ConfigError(
-            f"{out} holds a training run (config.json, from `resunit train`): choose another "
-            "output directory (out=, or --out)"
+            f"{out} holds a training run (config.json, from `resunit train`): " + CHOOSE_ANOTHER_OUT
         )
     files = [out / "experiment.json", out / "summary.json", out / "degradation.png"]
     for name in names:
         run_dir = out / name
         if run_dir.exists() and not run_dir.is_dir():
             raise ConfigError(
-                f"{run_dir} is a file where {name} keeps its checkpoints; remove it or choose "
-                "another output directory (out=, or --out)"
+                f"{run_dir} is a file where {name} keeps its checkpoints; remove it or "
+                + CHOOSE_ANOTHER_OUT
             )
         files += [run_dir / "last.pt", run_dir / "history.jsonl"]
     for path in files:
         if path.is_dir():
             raise ConfigError(
-                f"{path} is a directory where the experiment writes a file; remove it or choose "
-                "another output directory (out=, or --out)"
+                f"{path} is a directory where the experiment writes a file; remove it or "
+                + CHOOSE_ANOTHER_OUT
             )
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -14,14 +14,13 @@ from tqdm import tqdm
 from resunit.analysis import shape_text
 from resunit.atomic import atomic_path
 from resunit.cli.common import add_json_flag, comma_separated, format_table, print_json
+from resunit.deploy.int8 import (
+    CALIBRATION_BATCH_SIZE,
+    DEFAULT_CALIBRATION_BATCHES,
+    calibration_sample,
+)
 from resunit.errors import ConfigError
 from resunit.outputs import prepare_output_file
-
-if TYPE_CHECKING:
-    from resunit.data import ImageDataset
-
-DEFAULT_CALIBRATION_BATCHES = 8
-CALIBRATION_BATCH_SIZE = 32
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -229,22 +228,6 @@ def _export_int8(
         }
     )
     return summary
-
-
-def calibration_sample(
-    train_set: ImageDataset, batches: int, input_size: int | None
-) -> list[torch.Tensor]:
-    """Up to ``batches`` normalised batches of ``CALIBRATION_BATCH_SIZE`` images for int8
-    calibration: a seeded sample of the training split, so every class and never a test
-    image, and the same images each time."""
-    from resunit.evaluation import prepare_batch
-
-    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
-    chosen = order[: batches * CALIBRATION_BATCH_SIZE]
-    return [
-        prepare_batch(train_set.images[idx], train_set.mean, train_set.std, input_size)
-        for idx in chosen.split(CALIBRATION_BATCH_SIZE)
-    ]
 
 
 def _checkpoint_input_shape(config: dict[str, Any]) -> tuple[int, int, int]:

@@ -4,7 +4,8 @@ One module per step, in the order a network goes through them:
 
 * :mod:`~resunit.deploy.folding` — BatchNorm folded into the convolutions;
 * :mod:`~resunit.deploy.inference` — :func:`optimize`: channels_last, fused ReLUs, compiled
-  (inductor or oneDNN Graph);
+  (inductor or oneDNN Graph), large batches in cache-sized pieces
+  (:mod:`~resunit.deploy.cache_pieces`);
 * :mod:`~resunit.deploy.onnx_export` — ONNX export verified in ONNX Runtime;
 * :mod:`~resunit.deploy.int8` — post-training static int8 (ONNX Runtime or PT2E);
 * :mod:`~resunit.deploy.throughput` — every way of running it, timed side by side.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from resunit.allocator import retain_freed_memory  # also for training
 from resunit.analysis import check_input_channels, count_multiply_adds, parse_input_shape
+from resunit.deploy.cache_pieces import cache_sized_batch, last_level_cache_bytes, unit_working_set
 from resunit.deploy.folding import fold_batchnorm, fold_conv_bn, relative_difference
 from resunit.deploy.inference import (
     COMPILE_OPTIONS,
@@ -29,15 +31,19 @@ from resunit.deploy.inference import (
     MAX_ONEDNN_GRAPHS,
     InferenceModel,
     OneDnnGraphModel,
-    cache_sized_batch,
     compile_works,
-    last_level_cache_bytes,
     onednn_graph_works,
     optimize,
     pad_shortcuts_as_convolutions,
-    unit_working_set,
 )
-from resunit.deploy.int8 import pt2e_available, quantize, quantize_pt2e
+from resunit.deploy.int8 import (
+    CALIBRATION_BATCH_SIZE,
+    DEFAULT_CALIBRATION_BATCHES,
+    calibration_sample,
+    pt2e_available,
+    quantize,
+    quantize_pt2e,
+)
 from resunit.deploy.onnx_export import (
     ONNX_INPUT_NAME,
     ONNX_OPSET,
@@ -65,8 +71,10 @@ from resunit.deploy.throughput import (
 from resunit.errors import DeployError
 
 __all__ = [
+    "CALIBRATION_BATCH_SIZE",
     "COMPILERS",
     "COMPILE_OPTIONS",
+    "DEFAULT_CALIBRATION_BATCHES",
     "FLOAT32_VARIANTS",
     "MAX_ONEDNN_GRAPHS",
     "ONNX_INPUT_NAME",
@@ -84,6 +92,7 @@ __all__ = [
     "Variant",
     "build_variants",
     "cache_sized_batch",
+    "calibration_sample",
     "check_input_channels",
     "compare_variants",
     "compile_works",

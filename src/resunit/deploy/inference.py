@@ -11,17 +11,16 @@ import contextvars
 import copy
 import functools
 import math
-import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from resunit.blocks import PadShortcut, ResidualUnit
+from resunit.blocks import PadShortcut
+from resunit.deploy.cache_pieces import SPLIT_FROM_CACHES, cache_sized_batch
 from resunit.deploy.folding import fold_batchnorm, relative_difference
 from resunit.errors import ConfigError, first_line
 from resunit.models import ResNet, dtype_and_device
@@ -320,10 +319,10 @@ class OneDnnGraphModel(InferenceModel):
     in the installed version.
 
     A batch whose residual units' tensors would fill the CPU's last-level cache four times
-    over runs in even, cache-sized pieces (:func:`cache_sized_batch`), each traced like any
-    other shape: ResNet-50 at batch 32 goes through memory in pieces of 4 on a 32 MB L3, 2-4%
-    faster than whole. ``split_large_batches = False`` (on the class or one model) turns this
-    off.
+    over runs in even, cache-sized pieces (:mod:`~resunit.deploy.cache_pieces`), each traced
+    like any other shape: ResNet-50 at batch 32 goes through memory in pieces of 4 on a 32 MB
+    L3, 2-4% faster than whole. ``split_large_batches = False`` (on the class or one model)
+    turns this off.
 
     oneDNN fusion is a process-wide TorchScript switch. It is on only while a shape is traced
     and warmed up: a warm graph keeps its fused plan with the switch off. Holding it on around
@@ -355,30 +354,36 @@ class OneDnnGraphModel(InferenceModel):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         # (Pieces hold at least one image: smaller batches skip the lookup, batch 1 above all.)
-        split = self.split_large_batches and len(x) >= _SPLIT_FROM_CACHES
+        split = self.split_large_batches and len(x) >= SPLIT_FROM_CACHES
         piece = self._piece_size(x) if split else None
-        if piece is not None and len(x) >= _SPLIT_FROM_CACHES * piece:
-            # Pieces as even as can be (sizes differ by at most one): at most two traces.
-            pieces = x.tensor_split(math.ceil(len(x) / piece))
-            return torch.cat([self._run(part) for part in pieces])
+        if piece is not None and len(x) >= SPLIT_FROM_CACHES * piece:
+            # Pieces as even as can be (sizes differ by at most one): at most two traces. A
+            # plain loop, not a comprehension: on Python < 3.12 that is one more frame between
+            # the caller and _warn_untraced's stacklevel.
+            outputs = []
+            for part in x.tensor_split(math.ceil(len(x) / piece)):
+                outputs.append(self._run(part))
+            return torch.cat(outputs)
         return self._run(x)
 
     def _piece_size(self, x: Tensor) -> int | None:
         """How many images of ``x``'s shape run together so that a residual unit's tensors stay
-        in the last-level cache (:func:`cache_sized_batch`); None where any number may."""
+        in the last-level cache (``cache_sized_batch``); None where any number may."""
         key = (tuple(x.shape[1:]), x.dtype, x.device)
-        if key not in self.piece_sizes:
-            with _FIRST_CALL_LOCK, torch.no_grad():
-                if key in self.piece_sizes:
-                    return self.piece_sizes[key]
-                # Measuring adds hooks to the model for a moment. No other thread runs it then:
-                # calls run the model itself only once every trace place is taken (and only
-                # this lock takes them), and then pieces could not be traced anyway.
-                if len(self.graphs) >= MAX_ONEDNN_GRAPHS:
-                    return None
+        if key in self.piece_sizes:
+            return self.piece_sizes[key]
+        # Once every trace place is taken, pieces could not be traced: run whole, and without
+        # waiting for the lock, as untraced calls never do.
+        if len(self.graphs) >= MAX_ONEDNN_GRAPHS:
+            return None
+        with _FIRST_CALL_LOCK, torch.no_grad():
+            # Measuring adds hooks to the model for a moment. No other thread runs the model
+            # itself then: calls do so only once every trace place is taken, and only this
+            # lock takes places.
+            if key not in self.piece_sizes and len(self.graphs) < MAX_ONEDNN_GRAPHS:
                 self.model.eval()
                 self.piece_sizes[key] = cache_sized_batch(self.model, x[:1])
-        return self.piece_sizes[key]
+            return self.piece_sizes.get(key)
 
     def _run(self, x: Tensor) -> Tensor:
         # oneDNN Graph compiles its partitions for the thread count of the trace, and they keep
@@ -428,89 +433,6 @@ class OneDnnGraphModel(InferenceModel):
 MAX_ONEDNN_GRAPHS = 8
 """How many (input shape, thread count) pairs one :class:`OneDnnGraphModel` traces; later
 ones run eagerly."""
-
-
-# A batch runs in cache-sized pieces only when its units' tensors would fill the cache this many
-# times over: ResNet-50 at batch 32 (8.4 times) gained 2-4%, ResNet-18 at batch 32 (2.3 times,
-# in pieces of 11) lost 1.5%.
-_SPLIT_FROM_CACHES = 4
-
-
-def cache_sized_batch(model: nn.Module, image: Tensor) -> int | None:
-    """How many images fit a residual unit's tensors in the CPU's last-level cache: the cache
-    size over the bytes one image takes in the largest unit (:func:`unit_working_set`),
-    rounded, as the unit's tensors are not all alive at once. None where that is not known (no
-    residual units, no L3 reported, not on the CPU).
-
-    ResNet-50's bottlenecks take up to 8.8 MB per image at 224×224, so a batch of 32 streams
-    ~280 MB through memory in each unit, and its 1×1 convolutions do too little arithmetic per
-    byte to hide that. On a 32 MB L3 (2 cores of an AMD EPYC) pieces of 4 ran at 57.6-58.3
-    img/s against 55.0-56.6 for the whole batch, on a par with ONNX Runtime (56.6-58.2); pieces
-    of 3 in between. ResNet-18's 3×3 convolutions hardly care (pieces of 8: 134.1 against
-    134.8 whole). See BENCHMARKS.md.
-    """
-    cache = last_level_cache_bytes()
-    if cache is None or image.device.type != "cpu":
-        return None
-    per_image = unit_working_set(model, image)
-    return max(1, round(cache / per_image)) if per_image else None
-
-
-def unit_working_set(model: nn.Module, image: Tensor) -> int:
-    """Bytes that one ``image`` needs at once in ``model``'s largest residual unit: the unit's
-    input and the output of every convolution inside it (its layers and any projection), as
-    they are all read or written within the unit. 0 for a model without residual units."""
-    me = threading.get_ident()  # other threads' calls of the model are not counted
-    tallies: dict[nn.Module, int] = {}
-
-    def count_input(unit: nn.Module, args: tuple[Any, ...]) -> None:
-        if threading.get_ident() == me:
-            tallies[unit] = args[0].numel() * args[0].element_size()
-
-    def count_output(unit: nn.Module) -> Callable[..., None]:
-        def hook(_conv: nn.Module, _args: tuple[Any, ...], output: Tensor) -> None:
-            if threading.get_ident() == me:
-                tallies[unit] = tallies.get(unit, 0) + output.numel() * output.element_size()
-
-        return hook
-
-    handles = []
-    try:
-        for unit in model.modules():
-            if isinstance(unit, ResidualUnit):
-                handles.append(unit.register_forward_pre_hook(count_input))
-                handles += [
-                    conv.register_forward_hook(count_output(unit))
-                    for conv in unit.modules()
-                    if isinstance(conv, nn.Conv2d)
-                ]
-        with torch.no_grad():
-            model(image)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return max(tallies.values(), default=0) // max(len(image), 1)
-
-
-@functools.cache
-def last_level_cache_bytes(
-    cache_dir: str | os.PathLike[str] = "/sys/devices/system/cpu/cpu0/cache",
-) -> int | None:
-    """The size of CPU 0's level-3 cache as Linux reports it in ``cache_dir`` (shared by the
-    cores that use it); None where it does not (other systems, no L3)."""
-    for index in sorted(Path(cache_dir).glob("index*")):
-        try:
-            if (index / "level").read_text().strip() != "3":
-                continue
-            size = (index / "size").read_text().strip().upper()
-        except OSError:
-            continue
-        units = {"K": 2**10, "M": 2**20, "G": 2**30}
-        try:
-            return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
-        except ValueError:
-            return None
-    return None
 
 
 class _HeadAsConvolution(nn.Module):
@@ -652,11 +574,8 @@ __all__ = [
     "MAX_ONEDNN_GRAPHS",
     "InferenceModel",
     "OneDnnGraphModel",
-    "cache_sized_batch",
     "compile_works",
-    "last_level_cache_bytes",
     "onednn_graph_works",
     "optimize",
     "pad_shortcuts_as_convolutions",
-    "unit_working_set",
 ]

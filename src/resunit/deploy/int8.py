@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from resunit.analysis import image_batches
+from resunit.data import ImageDataset
 from resunit.deploy.inference import InferenceModel, _replace_modules
 from resunit.deploy.onnx_export import (
     ONNX_INPUT_NAME,
@@ -28,6 +29,26 @@ from resunit.deploy.onnx_export import (
     require_onnx,
 )
 from resunit.errors import ConfigError, DeployError
+from resunit.evaluation import prepare_batch
+
+# What `resunit export --int8` calibrates on by default: 8 batches of 32 training images.
+DEFAULT_CALIBRATION_BATCHES = 8
+CALIBRATION_BATCH_SIZE = 32
+
+
+def calibration_sample(
+    train_set: ImageDataset, batches: int, input_size: int | None
+) -> list[Tensor]:
+    """Up to ``batches`` normalised batches of ``CALIBRATION_BATCH_SIZE`` images for int8
+    calibration: a seeded sample of the training split, so every class and never a test
+    image, and the same images each time."""
+
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
+    chosen = order[: batches * CALIBRATION_BATCH_SIZE]
+    return [
+        prepare_batch(train_set.images[idx], train_set.mean, train_set.std, input_size)
+        for idx in chosen.split(CALIBRATION_BATCH_SIZE)
+    ]
 
 
 def quantize(
@@ -185,6 +206,9 @@ def quantize_pt2e(model: nn.Module, calibration_batches: Iterable[Tensor]) -> nn
 
 
 __all__ = [
+    "CALIBRATION_BATCH_SIZE",
+    "DEFAULT_CALIBRATION_BATCHES",
+    "calibration_sample",
     "pt2e_available",
     "quantize",
     "quantize_pt2e",
