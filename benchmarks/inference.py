@@ -160,15 +160,17 @@ def pt2e_accuracy(checkpoint: Path) -> tuple[float, float]:
     """Test accuracy of the PT2E int8 model, calibrated on the same images as the CLI's, and
     how often it predicts the float32 model's class."""
     from resunit.checkpoint import load_model
+    from resunit.cli.deploy import CALIBRATION_BATCH_SIZE, DEFAULT_CALIBRATION_BATCHES
     from resunit.data import load_dataset
-    from resunit.deploy.int8 import DEFAULT_CALIBRATION_BATCHES, calibration_sample
     from resunit.evaluation import evaluate, top1_agreement
 
     model, config = load_model(checkpoint)
     train_set = load_dataset(config["data"], "train")
     test_set = load_dataset(config["data"], "test")
     size = config["input_size"]
-    batches = calibration_sample(train_set, DEFAULT_CALIBRATION_BATCHES, size)
+    batches = deploy.calibration_sample(
+        train_set, DEFAULT_CALIBRATION_BATCHES, CALIBRATION_BATCH_SIZE, size
+    )
     int8 = deploy.quantize_pt2e(model, batches)
     after = evaluate(int8, test_set, input_size=size, device="cpu", predictions=True)
     before = evaluate(model, test_set, input_size=size, device="cpu", predictions=True)

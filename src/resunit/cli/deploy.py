@@ -14,13 +14,12 @@ from tqdm import tqdm
 from resunit.analysis import shape_text
 from resunit.atomic import atomic_path
 from resunit.cli.common import add_json_flag, comma_separated, format_table, print_json
-from resunit.deploy.int8 import (
-    CALIBRATION_BATCH_SIZE,
-    DEFAULT_CALIBRATION_BATCHES,
-    calibration_sample,
-)
 from resunit.errors import ConfigError
 from resunit.outputs import prepare_output_file
+
+# What `--int8` calibrates on by default: 8 batches of 32 training images.
+DEFAULT_CALIBRATION_BATCHES = 8
+CALIBRATION_BATCH_SIZE = 32
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -200,7 +199,9 @@ def _export_int8(
     train_set = load_run_data(config, "train", root=data_root)
     test_set = load_run_data(config, "test", root=data_root)
     input_size = input_shape[-1]
-    batches = calibration_sample(train_set, calibration_batches, input_size)
+    batches = deploy.calibration_sample(
+        train_set, calibration_batches, CALIBRATION_BATCH_SIZE, input_size
+    )
     count = sum(len(batch) for batch in batches)
     # The float graph is checked first, so an accuracy drop can only come from quantization.
     with tempfile.TemporaryDirectory(prefix="resunit-export-") as tmp:

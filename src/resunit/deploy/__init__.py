@@ -37,8 +37,6 @@ from resunit.deploy.inference import (
     pad_shortcuts_as_convolutions,
 )
 from resunit.deploy.int8 import (
-    CALIBRATION_BATCH_SIZE,
-    DEFAULT_CALIBRATION_BATCHES,
     calibration_sample,
     pt2e_available,
     quantize,
@@ -71,10 +69,8 @@ from resunit.deploy.throughput import (
 from resunit.errors import DeployError
 
 __all__ = [
-    "CALIBRATION_BATCH_SIZE",
     "COMPILERS",
     "COMPILE_OPTIONS",
-    "DEFAULT_CALIBRATION_BATCHES",
     "FLOAT32_VARIANTS",
     "MAX_ONEDNN_GRAPHS",
     "ONNX_INPUT_NAME",

@@ -31,23 +31,18 @@ from resunit.deploy.onnx_export import (
 from resunit.errors import ConfigError, DeployError
 from resunit.evaluation import prepare_batch
 
-# What `resunit export --int8` calibrates on by default: 8 batches of 32 training images.
-DEFAULT_CALIBRATION_BATCHES = 8
-CALIBRATION_BATCH_SIZE = 32
-
 
 def calibration_sample(
-    train_set: ImageDataset, batches: int, input_size: int | None
+    train_set: ImageDataset, batches: int, batch_size: int, input_size: int | None
 ) -> list[Tensor]:
-    """Up to ``batches`` normalised batches of ``CALIBRATION_BATCH_SIZE`` images for int8
-    calibration: a seeded sample of the training split, so every class and never a test
-    image, and the same images each time."""
-
+    """Up to ``batches`` normalised batches of ``batch_size`` images for int8 calibration: a
+    seeded sample of the training split, so every class and never a test image, and the same
+    images each time."""
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
-    chosen = order[: batches * CALIBRATION_BATCH_SIZE]
+    chosen = order[: batches * batch_size]
     return [
         prepare_batch(train_set.images[idx], train_set.mean, train_set.std, input_size)
-        for idx in chosen.split(CALIBRATION_BATCH_SIZE)
+        for idx in chosen.split(batch_size)
     ]
 
 
@@ -206,8 +201,6 @@ def quantize_pt2e(model: nn.Module, calibration_batches: Iterable[Tensor]) -> nn
 
 
 __all__ = [
-    "CALIBRATION_BATCH_SIZE",
-    "DEFAULT_CALIBRATION_BATCHES",
     "calibration_sample",
     "pt2e_available",
     "quantize",
