@@ -21,9 +21,10 @@ from torch import Tensor, nn
 from resunit.blocks import ResidualUnit
 
 # A batch runs in cache-sized pieces only when its units' tensors would fill the cache this many
-# times over: ResNet-50 at batch 32 (8.4 times) gained 2-4%; ResNet-18 at batch 32 (2.3 times,
-# in pieces of 11), whose 3×3 convolutions do more arithmetic per byte, lost 1.5% in one ad-hoc
-# check (134.3 against 136.4 img/s, raw data not kept; run to run its rate moves ~1%).
+# times over: ResNet-50 gained 2-4% at batch 32 (8.4 times) and 5-7% at batch 16 (4.2), and lost
+# 3% at batch 8 (2.1, in pieces of 4); ResNet-18 at batch 32 (2.3 times, in pieces of 11), whose
+# 3×3 convolutions do more arithmetic per byte, lost 1.5% (ad-hoc checks, raw data not kept; run
+# to run a rate moves ~1-2%).
 SPLIT_FROM_CACHES = 4
 
 
