@@ -573,6 +573,23 @@ def test_onednn_graph_matches_the_original(name, channels_last):
 
 
 @needs_onednn_graph
+def test_onednn_graph_converts_the_input_layout_before_its_trace():
+    # channels_last: NCHW and NHWC inputs share one NHWC trace (PyTorch converts faster than
+    # oneDNN Graph's own reorder would), and both compute the original function.
+    model = _model("resnet20")
+    x = _input("resnet20")[:1]
+    fast = optimize(model, channels_last=True, compile="onednn_graph")
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = model(x)
+        assert relative_difference(fast(x), expected) <= 1e-5
+        assert relative_difference(fast(nhwc), expected) <= 1e-5
+    assert [key[1] for key in fast.graphs] == [nhwc.stride()]
+    # Called with grad on, it still records no autograd graph.
+    assert not fast(x).requires_grad and not fast(x.requires_grad_()).requires_grad
+
+
+@needs_onednn_graph
 def test_onednn_graph_traces_once_when_first_called_from_several_threads(monkeypatch):
     model = _model("resnet20")
     x = _input("resnet20")
