@@ -32,6 +32,7 @@ if "--busy" in sys.argv:
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -190,18 +191,41 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                  "best_float32_images_per_second": best["images_per_second"]}  # fmt: skip
         if best["vs_onnxruntime"] is not None:
             # vs the faster ONNX Runtime configuration (spinning or not)
-            entry["best_float32_vs_onnxruntime"] = best["vs_onnxruntime"]
-            entry["onnxruntime_reference"] = max(
+            reference = max(
                 (group[v] for v in ORT_VARIANTS if v in group),
                 key=lambda r: r["images_per_second"],
-            )["variant"]
+            )
+            entry["best_float32_vs_onnxruntime"] = best["vs_onnxruntime"]
+            entry["onnxruntime_reference"] = reference["variant"]
+            entry["best_float32_vs_onnxruntime_paired"] = _paired(reference, best)
         for int8 in ("int8", "int8_pt2e"):
             if int8 in group:
                 entry[f"{int8}_vs_best_float32"] = (
                     group[int8]["images_per_second"] / best["images_per_second"]
                 )
+                entry[f"{int8}_vs_best_float32_paired"] = _paired(best, group[int8])
         out.append(entry)
     return out
+
+
+def summary_line(entry: dict[str, Any]) -> str:
+    """One model and batch: the targets' ratios, each round-by-round with its interval."""
+    parts = [f"{entry['model']} batch {entry['batch']}: best float32 is {entry['best_float32']}"]
+    if "best_float32_vs_onnxruntime_paired" in entry:
+        parts.append(
+            f"× {entry['onnxruntime_reference']} "
+            f"{entry['best_float32_vs_onnxruntime_paired']['text']}"
+        )
+    for int8 in ("int8", "int8_pt2e"):
+        if f"{int8}_vs_best_float32_paired" in entry:
+            parts.append(f"{int8} × it {entry[f'{int8}_vs_best_float32_paired']['text']}")
+    return "; ".join(parts)
+
+
+def _paired(reference: dict[str, Any], candidate: dict[str, Any]) -> dict[str, Any]:
+    """The round-by-round ratio (see deploy.paired_ratio): the verdict's uncertainty."""
+    ratio = deploy.paired_ratio(reference["seconds"], candidate["seconds"])
+    return {**dataclasses.asdict(ratio), "text": ratio.describe()}
 
 
 def markdown(rows: list[dict[str, Any]], peak: float, gemm: float) -> str:
@@ -279,7 +303,7 @@ def main() -> None:
     print(markdown(rows, machine.peak_gflops(), gemm))
     print()
     for s in result["summary"]:
-        print(json.dumps(s))
+        print(summary_line(s))
     if accuracy:
         pt2e = accuracy.get("accuracy_int8_pt2e")
         print(f"int8 accuracy on digits test ({accuracy['test_images']} images): "

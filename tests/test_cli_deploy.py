@@ -134,6 +134,24 @@ def test_bench_ratio_to_onnxruntime_is_to_the_faster_of_its_two_modes(capsys):
         assert row["vs_onnxruntime"] == pytest.approx(row["images_per_second"] / faster)
 
 
+@needs_onnx
+def test_bench_gives_each_ratio_to_onnxruntime_round_by_round_with_an_interval(capsys):
+    argv = ["bench", "resnet20", "--input", "3x8x8", "--batch", "2", "--repeats", "5"]
+    assert main([*argv, "--variants", "eager,onnxruntime", "--json"]) == 0
+    rows = {r["variant"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    # The reference against itself: every round's ratio is exactly 1.
+    itself = rows["onnxruntime"]["vs_onnxruntime_paired"]
+    assert (itself["low"], itself["median"], itself["high"], itself["rounds"]) == (1, 1, 1, 5)
+    eager = rows["eager"]["vs_onnxruntime_paired"]
+    assert eager["low"] <= eager["median"] <= eager["high"]
+    assert eager["confidence"] == pytest.approx(1 - 2 / 2**5)  # 5 rounds: their whole range
+    assert main([*argv, "--variants", "eager,onnxruntime"]) == 0
+    table = capsys.readouterr().out
+    ort_line = next(line for line in table.splitlines() if line.startswith("onnxruntime"))
+    assert "1.00 (1.00-1.00)" in ort_line
+    assert "94% confidence" in table  # 1 - 2/32, as the footnote says
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

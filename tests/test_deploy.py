@@ -1,8 +1,11 @@
 """The inference path computes the same function as the trained model, only faster."""
 
 import copy
+import itertools
 import json
+import random
 import resource
+import statistics
 import subprocess
 import sys
 import threading
@@ -452,6 +455,57 @@ def test_measurement_pauses_after_a_spinning_variant(monkeypatch):
     runners = {"a": lambda: None, "spin": lambda: None}
     measure_interleaved(runners, batch=1, repeats=2, warmup=1, spinning=["spin"])
     assert len(sleeps) == 3 and min(sleeps) > 0  # once per round, after the spinning block
+
+
+def _coverage_by_enumeration(n: int, k: int) -> float:
+    # Each of n ratios falls below the true median with probability ½, independently; the
+    # interval [k-th smallest, k-th largest] holds the median when at least k fall on each side.
+    hits = 0
+    for pattern in itertools.product((0, 1), repeat=n):
+        below = sum(pattern)
+        hits += below >= k and n - below >= k
+    return hits / 2**n
+
+
+@pytest.mark.parametrize(("rounds", "confidence", "k"), [(9, 0.9, 2), (9, 0.8, 3), (15, 0.9, 4)])
+def test_paired_ratio_brackets_the_median_with_the_asked_coverage(rounds, confidence, k):
+    rng = random.Random(rounds)
+    reference = [rng.uniform(1.0, 2.0) for _ in range(rounds)]
+    candidate = [rng.uniform(1.0, 2.0) for _ in range(rounds)]
+    ratio = deploy.paired_ratio(reference, candidate, confidence)
+    ratios = sorted(r / c for r, c in zip(reference, candidate, strict=True))
+    assert ratio.median == statistics.median(ratios) and ratio.rounds == rounds
+    assert (ratio.low, ratio.high) == (ratios[k - 1], ratios[rounds - k])
+    assert ratio.confidence == pytest.approx(_coverage_by_enumeration(rounds, k))
+    # k is the narrowest rank that still covers enough: one step narrower would not.
+    assert ratio.confidence >= confidence > _coverage_by_enumeration(rounds, k + 1)
+
+
+def test_paired_ratio_cancels_what_a_round_shares_and_covers_the_true_ratio():
+    # The machine's phase (shared by both variants in a round) varies 3x; the candidate is
+    # truly 1.25x faster, with 5% noise of its own each call.
+    rng = random.Random(0)
+    trials, covered, widths = 1000, 0, []
+    for _ in range(trials):
+        phases = [rng.uniform(1.0, 3.0) for _ in range(9)]
+        reference = [p * 1.25 * rng.lognormvariate(0, 0.05) for p in phases]
+        candidate = [p * rng.lognormvariate(0, 0.05) for p in phases]
+        ratio = deploy.paired_ratio(reference, candidate)
+        covered += ratio.low <= 1.25 <= ratio.high
+        widths.append(ratio.high - ratio.low)
+    assert covered / trials >= 0.93  # exact coverage 96.1% for 9 rounds at rank 2
+    assert statistics.median(widths) < 0.2  # the phases, up to 3x, cancel
+
+
+def test_paired_ratio_with_too_few_rounds_says_how_sure_it_is():
+    ratio = deploy.paired_ratio([2.0, 3.0, 4.0], [1.0, 1.0, 1.0], confidence=0.9)
+    assert (ratio.low, ratio.median, ratio.high) == (2.0, 3.0, 4.0)
+    assert ratio.confidence == pytest.approx(0.75)  # all three: 1 - 2/8
+    assert "75% interval 2.00-4.00" in ratio.describe()
+    with pytest.raises(ConfigError, match="same number of rounds"):
+        deploy.paired_ratio([1.0, 2.0], [1.0])
+    with pytest.raises(ConfigError, match="confidence"):
+        deploy.paired_ratio([1.0], [1.0], confidence=1.0)
 
 
 @pytest.mark.parametrize(("policy", "spins"), [(None, True), ("PASSIVE", False), ("active", True)])

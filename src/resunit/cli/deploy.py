@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -308,6 +309,12 @@ def run_bench(args: argparse.Namespace) -> int:
                     "images_per_second": rate,
                     "vs_eager": rate / eager.images_per_second if eager else None,
                     "vs_onnxruntime": rate / ort.images_per_second if ort else None,
+                    # How sure that ratio is: the same ratio round by round, with an interval.
+                    "vs_onnxruntime_paired": (
+                        dataclasses.asdict(deploy.paired_ratio(ort.seconds, timing.seconds))
+                        if ort
+                        else None
+                    ),
                     "max_relative_difference": differences[name],
                     "description": variants[name].description,
                 }
@@ -333,13 +340,19 @@ def run_bench(args: argparse.Namespace) -> int:
             r["batch"],
             f"{r['images_per_second']:.1f}",
             _ratio(r["vs_eager"]),
-            _ratio(r["vs_onnxruntime"]),
+            _interval(r["vs_onnxruntime_paired"]),
             f"{r['max_relative_difference']:.1e}",
         )
         for r in rows
     ]
     headers = ["variant", "batch", "img/s", "× eager", "× best ORT", "max rel. diff"]
     print(format_table(headers, table, align="lrrrrr"))
+    paired = next((r["vs_onnxruntime_paired"] for r in rows if r["vs_onnxruntime_paired"]), None)
+    if paired:
+        print(
+            "× best ORT: the median of the rounds' ratios to the faster ONNX Runtime mode, and "
+            f"the range that holds it with {paired['confidence']:.0%} confidence"
+        )
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
     return 0
@@ -347,3 +360,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _interval(paired: dict[str, Any] | None) -> str:
+    if paired is None:
+        return "-"
+    return f"{paired['median']:.2f} ({paired['low']:.2f}-{paired['high']:.2f})"

@@ -59,12 +59,14 @@ from resunit.deploy.throughput import (
     FLOAT32_VARIANTS,
     VARIANT_DESCRIPTIONS,
     VARIANTS,
+    PairedRatio,
     Timing,
     Variant,
     build_variants,
     compare_variants,
     measure_interleaved,
     openmp_threads_spin,
+    paired_ratio,
 )
 from resunit.errors import DeployError
 
@@ -84,6 +86,7 @@ __all__ = [
     "OneDnnGraphModel",
     "OnnxCheck",
     "OnnxRuntimeModel",
+    "PairedRatio",
     "Timing",
     "Variant",
     "build_variants",
@@ -104,6 +107,7 @@ __all__ = [
     "openmp_threads_spin",
     "optimize",
     "pad_shortcuts_as_convolutions",
+    "paired_ratio",
     "parse_input_shape",
     "pt2e_available",
     "quantize",

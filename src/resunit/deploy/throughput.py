@@ -7,6 +7,7 @@ and checks every output against the eager model's.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import statistics
 import time
@@ -218,6 +219,62 @@ def measure_interleaved(
     return timings
 
 
+@dataclass(frozen=True)
+class PairedRatio:
+    """How many times faster one variant ran than another: the median of round-by-round
+    ratios, and a confidence interval for that median."""
+
+    median: float
+    low: float
+    high: float
+    confidence: float  # the interval's exact coverage, at least the one asked for if possible
+    rounds: int
+
+    def describe(self) -> str:
+        return (
+            f"{self.median:.2f}× ({self.confidence:.0%} interval "
+            f"{self.low:.2f}-{self.high:.2f}, {self.rounds} rounds)"
+        )
+
+
+def paired_ratio(
+    reference_seconds: Sequence[float],
+    candidate_seconds: Sequence[float],
+    confidence: float = 0.9,
+) -> PairedRatio:
+    """``reference time / candidate time`` per round (above 1: the candidate is faster).
+
+    :func:`measure_interleaved` runs every variant once per round, so the two times of one
+    round were taken under the same conditions of a shared machine: their ratio cancels the
+    slow and fast phases that move both medians. The interval is distribution-free: the k-th
+    smallest and k-th largest of n ratios bracket their median with probability
+    1 − 2·P(Binomial(n, ½) ≤ k − 1), and k is the largest rank that keeps that at least
+    ``confidence`` (too few rounds for it: the smallest and largest ratio, with the coverage
+    they have).
+    """
+    if len(reference_seconds) != len(candidate_seconds) or not reference_seconds:
+        raise ConfigError("paired_ratio needs the same number of rounds, at least one, of each")
+    if not 0 < confidence < 1:
+        raise ConfigError(f"confidence must lie between 0 and 1, not {confidence}")
+    ratios = sorted(r / c for r, c in zip(reference_seconds, candidate_seconds, strict=True))
+    n = len(ratios)
+
+    def coverage(k: int) -> float:  # of [k-th smallest, k-th largest] for the median
+        below = sum(math.comb(n, i) for i in range(k)) / 2**n
+        return 1 - 2 * below
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= confidence:
+        k += 1
+    return PairedRatio(
+        median=statistics.median(ratios),
+        low=ratios[k - 1],
+        high=ratios[n - k],
+        confidence=coverage(k),
+        rounds=n,
+    )
+
+
 def compare_variants(
     variants: dict[str, Variant],
     x: Tensor,
@@ -255,10 +312,12 @@ __all__ = [
     "FLOAT32_VARIANTS",
     "VARIANTS",
     "VARIANT_DESCRIPTIONS",
+    "PairedRatio",
     "Timing",
     "Variant",
     "build_variants",
     "compare_variants",
     "measure_interleaved",
     "openmp_threads_spin",
+    "paired_ratio",
 ]
