@@ -33,6 +33,7 @@ from resunit.deploy import (
     relative_difference,
     throughput,
 )
+from resunit.deploy.module_surgery import replace_modules
 from resunit.errors import ConfigError
 from resunit.models import ResNet, create_model, get_model_spec, list_models, model_parameter_count
 
@@ -574,6 +575,23 @@ needs_onednn_graph = pytest.mark.skipif(
     not deploy.onednn_graph_works()[0],
     reason=f"oneDNN Graph unavailable: {deploy.onednn_graph_works()[1]}",
 )
+
+
+def test_replace_modules_swaps_every_one_of_a_kind_and_says_where_it_was():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Sequential(nn.ReLU(), nn.Tanh()))
+    parents = []
+
+    def make(old: nn.Module, parent: nn.Module) -> nn.Module:
+        parents.append(parent)
+        return nn.Sequential(nn.ReLU())  # holds a ReLU itself: must not be visited again
+
+    assert replace_modules(model, nn.ReLU, make) is model
+    assert parents == [model, model[2]]
+    assert [type(m).__name__ for m in model.modules()].count("ReLU") == 2  # the new ones only
+    assert isinstance(model[1], nn.Sequential) and isinstance(model[2][0], nn.Sequential)
+    # A model that is itself of the kind is replaced whole.
+    relu = nn.ReLU()
+    assert isinstance(replace_modules(relu, nn.ReLU, lambda old, parent: nn.Tanh()), nn.Tanh)
 
 
 @pytest.mark.parametrize("size", [8, 7])  # odd sizes: ceil(H/2) rows from both

@@ -10,6 +10,8 @@ One module per step, in the order a network goes through them:
 * :mod:`~resunit.deploy.int8` — post-training static int8 (ONNX Runtime or PT2E);
 * :mod:`~resunit.deploy.throughput` — every way of running it, timed side by side.
 
+(:mod:`~resunit.deploy.module_surgery` swaps one kind of submodule for another, for the steps.)
+
 Everything here returns *new* modules and leaves the trained model untouched, and every
 transformation is checked against the model it came from: a faster network is only useful if
 it computes the same function. Import from ``resunit.deploy``; the modules are its chapters.

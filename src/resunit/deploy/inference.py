@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from resunit.blocks import PadShortcut
 from resunit.deploy.cache_pieces import SPLIT_FROM_CACHES, cache_sized_batch
 from resunit.deploy.folding import fold_batchnorm, relative_difference
+from resunit.deploy.module_surgery import replace_modules
 from resunit.errors import ConfigError, first_line
 from resunit.models import ResNet, dtype_and_device
 
@@ -267,7 +268,7 @@ def _pad_shortcuts_as_convolutions_in_place(model: nn.Module) -> nn.Module:
         # The unit around the shortcut says where it computes (a model may mix dtypes).
         return _pad_as_convolution(pad, *dtype_and_device(parent))
 
-    return _replace_modules(model, PadShortcut, convolution)
+    return replace_modules(model, PadShortcut, convolution)
 
 
 def _pad_as_convolution(pad: PadShortcut, dtype: torch.dtype, device: torch.device) -> nn.Conv2d:
@@ -279,20 +280,6 @@ def _pad_as_convolution(pad: PadShortcut, dtype: torch.dtype, device: torch.devi
         conv.weight.zero_()
         conv.weight[kept, kept] = 1.0  # output channel i ← input channel i
     return conv
-
-
-def _replace_modules(
-    model: nn.Module, kind: type[nn.Module], make: Callable[[nn.Module, nn.Module], nn.Module]
-) -> nn.Module:
-    """Replace, in place, every submodule of type ``kind`` by ``make(old, parent)`` and return
-    the model (``model`` itself may be one: then ``make(model, model)``)."""
-    if isinstance(model, kind):
-        return make(model, model)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, kind):
-                setattr(parent, name, make(child, parent))
-    return model
 
 
 class OneDnnGraphModel(InferenceModel):

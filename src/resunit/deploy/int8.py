@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from resunit.analysis import image_batches
 from resunit.data import ImageDataset
-from resunit.deploy.inference import InferenceModel, _replace_modules
+from resunit.deploy.inference import InferenceModel
+from resunit.deploy.module_surgery import replace_modules
 from resunit.deploy.onnx_export import (
     ONNX_INPUT_NAME,
     OnnxRuntimeModel,
@@ -184,7 +185,7 @@ def quantize_pt2e(model: nn.Module, calibration_batches: Iterable[Tensor]) -> nn
     if not batches:
         raise ConfigError("int8 quantization needs at least one calibration batch")
     float_model = copy.deepcopy(model).eval().to(device="cpu", dtype=torch.float32)
-    float_model = _replace_modules(float_model, nn.ReLU, lambda relu, parent: _FunctionalReLU())
+    float_model = replace_modules(float_model, nn.ReLU, lambda relu, parent: _FunctionalReLU())
     batch_dim = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         graph = torch.export.export(
