@@ -213,12 +213,12 @@ def summary_line(entry: dict[str, Any]) -> str:
     parts = [f"{entry['model']} batch {entry['batch']}: best float32 is {entry['best_float32']}"]
     if "best_float32_vs_onnxruntime_paired" in entry:
         parts.append(
-            f"× {entry['onnxruntime_reference']} "
+            f"vs {entry['onnxruntime_reference']}: "
             f"{entry['best_float32_vs_onnxruntime_paired']['text']}"
         )
     for int8 in ("int8", "int8_pt2e"):
         if f"{int8}_vs_best_float32_paired" in entry:
-            parts.append(f"{int8} × it {entry[f'{int8}_vs_best_float32_paired']['text']}")
+            parts.append(f"{int8} vs it: {entry[f'{int8}_vs_best_float32_paired']['text']}")
     return "; ".join(parts)
 
 

@@ -468,7 +468,10 @@ def _coverage_by_enumeration(n: int, k: int) -> float:
     return hits / 2**n
 
 
-@pytest.mark.parametrize(("rounds", "confidence", "k"), [(9, 0.9, 2), (9, 0.8, 3), (15, 0.9, 4)])
+@pytest.mark.parametrize(
+    ("rounds", "confidence", "k"),
+    [(9, 0.9, 2), (9, 0.8, 3), (15, 0.9, 4), (10, 0.9, 2), (10, 0.85, 3), (4, 0.3, 2)],
+)
 def test_paired_ratio_brackets_the_median_with_the_asked_coverage(rounds, confidence, k):
     rng = random.Random(rounds)
     reference = [rng.uniform(1.0, 2.0) for _ in range(rounds)]
@@ -503,6 +506,11 @@ def test_paired_ratio_with_too_few_rounds_says_how_sure_it_is():
     assert (ratio.low, ratio.median, ratio.high) == (2.0, 3.0, 4.0)
     assert ratio.confidence == pytest.approx(0.75)  # all three: 1 - 2/8
     assert "75% interval 2.00-4.00" in ratio.describe()
+    # One or two rounds: the interval is all there is, and says how little that is.
+    one = deploy.paired_ratio([2.0], [1.0])
+    assert (one.low, one.median, one.high, one.confidence) == (2.0, 2.0, 2.0, 0.0)
+    two = deploy.paired_ratio([2.0, 4.0], [1.0, 1.0])
+    assert (two.low, two.median, two.high, two.confidence) == (2.0, 3.0, 4.0, 0.5)
     with pytest.raises(ConfigError, match="same number of rounds"):
         deploy.paired_ratio([1.0, 2.0], [1.0])
     with pytest.raises(ConfigError, match="confidence"):

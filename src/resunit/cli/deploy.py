@@ -348,7 +348,7 @@ def run_bench(args: argparse.Namespace) -> int:
     headers = ["variant", "batch", "img/s", "× eager", "× best ORT", "max rel. diff"]
     print(format_table(headers, table, align="lrrrrr"))
     paired = next((r["vs_onnxruntime_paired"] for r in rows if r["vs_onnxruntime_paired"]), None)
-    if paired:
+    if paired and paired["confidence"] >= _SHOWN_CONFIDENCE:
         print(
             "× best ORT: the median of the rounds' ratios to the faster ONNX Runtime mode, and "
             f"the range that holds it with {paired['confidence']:.0%} confidence"
@@ -362,7 +362,13 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+# Below this, an interval from so few rounds says little: the cell shows the median alone.
+_SHOWN_CONFIDENCE = 0.9
+
+
 def _interval(paired: dict[str, Any] | None) -> str:
     if paired is None:
         return "-"
+    if paired["confidence"] < _SHOWN_CONFIDENCE:
+        return f"{paired['median']:.2f} (few rounds)"
     return f"{paired['median']:.2f} ({paired['low']:.2f}-{paired['high']:.2f})"
