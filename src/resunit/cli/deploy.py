@@ -74,7 +74,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="images/s of every float32 way to run a model, PyTorch and ONNX Runtime, side by side",
         description="Measure inference throughput of one model in several forms in the same "
         "process, interleaved, and print each as a ratio to plain eager PyTorch and to ONNX "
-        "Runtime. Random weights and inputs: speed does not depend on them. On a machine "
+        "Runtime; the latter is the median of the rounds' ratios, with the range that holds "
+        "it with at least 90% confidence (98% for the default 10 rounds), so a ratio near 1.0 "
+        "says whether it could be noise. Random weights and inputs: speed does not depend on "
+        "them. On a machine "
         "busy with other jobs, run it as `OMP_WAIT_POLICY=PASSIVE resunit bench …`: by "
         "default PyTorch's OpenMP threads busy-wait for each other at every layer and can be "
         "several times slower there (ONNX Runtime's thread pool is not affected); on an idle "
