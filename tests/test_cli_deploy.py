@@ -112,6 +112,12 @@ def test_bench_prints_every_variant_with_ratios(capsys):
     assert all(r["images_per_second"] > 0 for r in rows)
     assert all(r["max_relative_difference"] <= 1e-5 for r in rows)
     assert all(r["vs_eager"] == 1.0 for r in rows if r["variant"] == "eager")
+    # No ONNX Runtime variant asked for: no ratio to it, and the table says so with a dash.
+    assert all(r["vs_onnxruntime"] is None and r["vs_onnxruntime_paired"] is None for r in rows)
+    assert main([*argv, "--variants", "eager"]) == 0
+    table = capsys.readouterr().out
+    eager_lines = [line.split() for line in table.splitlines() if line.startswith("eager")]
+    assert [cells[4] for cells in eager_lines] == ["-", "-"] and "confidence" not in table
 
 
 @needs_onnx
