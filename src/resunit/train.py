@@ -654,7 +654,7 @@ def _train(
     # later, the other ranks would wait for it in their first collective. A run that fails
     # removes the folders it made, where then empty (a TensorBoard log keeps them).
     with folders_removed_on_failure(run_dir):
-        prepare_output_dir(run_dir, RUN_FILES)
+        prepare_output_dir(run_dir)  # RUN_FILES as directories: refused just above
         with _run_files_removed_if_no_checkpoint(run_dir):
             return _run(config, state, run_dir, progress)
 
