@@ -7,6 +7,8 @@ import sys
 import pytest
 
 from resunit.cli import main
+from resunit.cli.common import run_command
+from resunit.errors import ConfigError
 from resunit.models import list_models
 
 
@@ -49,6 +51,28 @@ def test_a_malformed_option_is_one_line_naming_the_command_and_its_help(capsys):
     assert err.count("\n") == 1
     assert err.startswith("resunit train: error: argument --epochs: invalid int value")
     assert "resunit train --help" in err
+
+
+@pytest.mark.parametrize(
+    "env, label",
+    [
+        ({}, ""),
+        ({"WORLD_SIZE": "1", "RANK": "0"}, ""),
+        ({"WORLD_SIZE": "4", "RANK": "3"}, "[rank 3 of 4] "),
+    ],
+)
+def test_error_line_names_the_rank_under_torchrun(monkeypatch, capsys, env, label):
+    # Every torchrun rank prints its own error line; with several, each must say whose it is.
+    for name in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    def fails(args):
+        raise ConfigError("no such file: data.npz")
+
+    assert run_command(fails, None) == 2
+    assert capsys.readouterr().err == f"resunit: error: {label}no such file: data.npz\n"
 
 
 def test_output_cut_short_by_its_reader_is_quiet_not_a_traceback():

@@ -34,7 +34,7 @@ def run_command(
     try:
         return handler(args) or 0
     except ResunitError as exc:
-        print(f"resunit: error: {exc}", file=sys.stderr)
+        print(f"resunit: error: {_rank_label()}{exc}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
         print("resunit: interrupted", file=sys.stderr)
@@ -45,6 +45,16 @@ def run_command(
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return BROKEN_PIPE
+
+
+def _rank_label() -> str:
+    """``[rank 1 of 4] `` under torchrun, else nothing: every rank meets the same bad input and
+    prints its own line, and an error only some ranks meet (a file missing on one machine)
+    must say which."""
+    world_size = os.environ.get("WORLD_SIZE", "1")
+    if world_size.isdigit() and int(world_size) > 1:
+        return f"[rank {os.environ.get('RANK', '?')} of {world_size}] "
+    return ""
 
 
 def print_json(payload: Any) -> None:
