@@ -30,7 +30,13 @@ from resunit.data import ImageDataset, augment, load_dataset
 from resunit.errors import CheckpointError, ConfigError
 from resunit.evaluation import evaluate, prepare_batch
 from resunit.models import create_model, list_models
-from resunit.outputs import CHOOSE_ANOTHER_OUT, check_output_location, write_json, write_jsonl
+from resunit.outputs import (
+    CHOOSE_ANOTHER_OUT,
+    check_output_location,
+    refuse_directories_where_files_go,
+    write_json,
+    write_jsonl,
+)
 from resunit.report import read_jsonl
 from resunit.train import (
     LOWER_LR_HINT,
@@ -167,12 +173,7 @@ def _check_locations(out: Path, names: Sequence[str]) -> None:
                 + CHOOSE_ANOTHER_OUT
             )
         files += [run_dir / "last.pt", run_dir / "history.jsonl"]
-    for path in files:
-        if path.is_dir():
-            raise ConfigError(
-                f"{path} is a directory where the experiment writes a file; remove it or "
-                + CHOOSE_ANOTHER_OUT
-            )
+    refuse_directories_where_files_go(files, "the experiment", f"remove it or {CHOOSE_ANOTHER_OUT}")
 
 
 def _check_same_experiment(out: Path, settings: dict[str, Any]) -> None:

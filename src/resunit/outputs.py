@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +56,19 @@ def prepare_output_dir(
         _create_writable(out)
     except OSError as exc:
         raise ConfigError(f"cannot write to {option} {out}: {reason(exc)}") from None
-    for name in files:
-        if (out / name).is_dir():
-            raise ConfigError(f"{out / name} is a directory; move it away or give another {option}")
+    refuse_directories_where_files_go(
+        (out / name for name in files), "the command", f"move it away or give another {option}"
+    )
     return out
+
+
+def refuse_directories_where_files_go(paths: Iterable[Path], writer: str, fix: str) -> None:
+    """Raise :class:`ConfigError` for the first of ``paths`` that is a directory: ``writer``
+    (``"the run"``) would fail to write its file there, maybe after minutes of work. ``fix``
+    tells the user the way out."""
+    for path in paths:
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory where {writer} writes a file; {fix}")
 
 
 def prepare_output_file(path: str | os.PathLike[str], option: str) -> Path:

@@ -46,6 +46,7 @@ from resunit.outputs import (
     check_output_location,
     folders_removed_on_failure,
     prepare_output_dir,
+    refuse_directories_where_files_go,
     write_json,
     write_jsonl,
 )
@@ -451,9 +452,7 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, resuming: bool) -> None:
             f"remove them or {CHOOSE_ANOTHER_OUT}"
         )
     fix = "remove it to resume" if resuming else f"remove it or {CHOOSE_ANOTHER_OUT}"
-    for name in RUN_FILES:
-        if (run_dir / name).is_dir():
-            raise ConfigError(f"{run_dir / name} is a directory where the run writes a file; {fix}")
+    refuse_directories_where_files_go((run_dir / name for name in RUN_FILES), "the run", fix)
     board = run_dir / "tensorboard"
     if config.tensorboard and board.exists() and not board.is_dir():
         raise ConfigError(f"{board} is a file where --tensorboard writes its logs; {fix}")
