@@ -270,6 +270,44 @@ def test_drop_path_is_inactive_in_eval_mode():
         assert torch.equal(block(x), reference(x))
 
 
+def _middle_activation(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What reaches the second 3×3 convolution without dropout, written out."""
+    if isinstance(block, PreActBasicBlock):
+        return F.relu(bn_ref(block.conv1(F.relu(bn_ref(x, block.bn1))), block.bn2))
+    return F.relu(bn_ref(block.conv1(x), block.bn1))
+
+
+@pytest.mark.parametrize("unit", [BasicBlock, PreActBasicBlock])
+def test_dropout_acts_between_the_two_convolutions_in_training_only(unit):
+    # Zagoruyko & Komodakis 2016: dropout after the middle ReLU, before the second conv.
+    torch.manual_seed(0)
+    block = unit(8, 8, dropout=0.5)
+    randomize_batchnorm(block)
+    block.train()
+    for bn in (m for m in block.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.eval()  # fixed statistics, so the reference below is exact
+    seen = []
+    block.conv2.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    x = torch.randn(4, 8, 6, 6)
+    with torch.no_grad():
+        expected = _middle_activation(block, x)
+        block(x)
+        block.eval()
+        block(x)
+    trained, evaluated = seen
+    kept = trained != 0
+    torch.testing.assert_close(trained[kept], expected[kept] / 0.5)  # inverted dropout
+    dropped = (expected > 0) & ~kept
+    assert 0.4 < dropped.sum() / (expected > 0).sum() < 0.6
+    torch.testing.assert_close(evaluated, expected)
+
+
+def test_stochastic_depth_is_refused_for_a_plain_unit():
+    # Dropping a plain unit's residual drops all it computes: nothing would be left.
+    with pytest.raises(ConfigError, match="no shortcut to keep"):
+        BasicBlock(8, 8, shortcut="none", drop_path=0.1)
+
+
 def test_describe_shortcut_says_why():
     assert describe_shortcut(BasicBlock(64, 128, 2), in_size=56) == (
         "projection 1×1/2: 64→128 channels, 56→28 pixels"

@@ -218,6 +218,11 @@ def test_user_errors_are_one_line_and_exit_code_2(tmp_path, capsys, reference_ru
         (["train", "--data", "synthetic", "--data-option", "num_classes=0"], "num_classes"),
         (["train", "--data-option", "colour=3"], "takes no option"),
         (["train", "--cutout", "100"], "cutout 100 is larger than the 8×8 training images"),
+        (["train", "--model-option", "dropuot=0.3"], "did you mean dropout"),
+        (["train", "--model-option", "dropout"], "--model-option takes KEY=VALUE"),
+        (["train", "--model-option", "dropout=0.3", "--model", "resnet50"], "no such place"),
+        (["train", "--model-option", "zero_init_residual=yes"], "must be True or False"),
+        (["train", "--model", "plain20", "--model-option", "drop_path_rate=0.1"], "plain"),
     ],
 )
 def test_bad_training_options_are_one_line_and_exit_code_2(argv, expected, capsys):
@@ -343,6 +348,22 @@ def test_a_run_on_a_relative_data_root_is_found_from_any_directory(tmp_path, cap
     assert "is gone; give its place with data_root=, or --data-root" in _error_line(capsys)
     assert main(["train", "--resume", "work/run", *moved]) == 2
     assert "has finished its 1 steps: nothing to resume" in _error_line(capsys)
+
+
+def test_model_options_build_the_model_and_its_checkpoint_rebuilds_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    options = ["--model-option", "shortcut=B", "--model-option", "zero_init_residual=true"]
+    assert main(["train", *options, "--steps", "1", "--no-progress", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert json.loads((out / "config.json").read_text())["model_overrides"] == {
+        "shortcut": "B",
+        "zero_init_residual": True,
+    }
+    model, _ = load_model(out / "last.pt")
+    # ResNet-20 (269,722 on RGB; digits are grey: a stem with 2·16·9 weights fewer), plus
+    # option B's projections where shapes change: 16→32 (512 + 64 BN), 32→64 (2,048 + 128).
+    assert sum(p.numel() for p in model.parameters()) == 269_722 - 2 * 16 * 9 + 2_752
+    assert [u.shortcut_kind for u in model.units()].count("projection") == 2
 
 
 def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, capsys):

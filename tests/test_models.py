@@ -72,11 +72,34 @@ def test_plain_nets_have_the_same_layers_without_shortcuts(depth):
     assert len(weighted) == depth  # "6n+2 stacked weighted layers"
 
 
+def _wide_resnet_parameters(depth: int, k: int, classes: int = 10) -> int:
+    """WRN-depth-k counted from the paper's definition: a 3×3 conv to 16 channels, three
+    stages of (depth − 4) / 6 pre-activation basic units 16k, 32k, 64k wide (BN–ReLU–conv
+    twice; a BN-less 1×1 projection where the width or resolution changes), a final BN and
+    the classifier."""
+    total, channels = 3 * 16 * 9, 16
+    for width in (16 * k, 32 * k, 64 * k):
+        for unit in range((depth - 4) // 6):
+            total += 2 * channels + channels * width * 9 + 2 * width + width * width * 9
+            if unit == 0:  # every stage's first unit widens (and, after the first, strides)
+                total += channels * width
+            channels = width
+    return total + 2 * channels + channels * classes + classes
+
+
+@pytest.mark.parametrize(
+    ("depth", "k", "millions"), [(16, 4, 2.7), (16, 8, 11.0), (28, 10, 36.5), (40, 4, 8.9)]
+)
+def test_wide_resnets_match_their_definition_and_the_published_sizes(depth, k, millions):
+    # Zagoruyko & Komodakis 2016, Tables 3-4: WRN-16-4 2.7M, WRN-16-8 11.0M, WRN-28-10
+    # 36.5M, WRN-40-4 8.9M.
+    count = model_parameter_count(f"wrn_{depth}_{k}")
+    assert count == _wide_resnet_parameters(depth, k)
+    assert round(count / 1e6, 1) == millions
+
+
 def test_other_published_sizes():
-    # Zagoruyko & Komodakis: WRN-28-10 36.5M, WRN-16-4 2.7M.
     # He et al. 2016: pre-activation ResNet-164 1.7M, ResNet-1001 10.2M.
-    assert model_parameter_count("wrn_28_10") == 36_479_194
-    assert round(model_parameter_count("wrn_16_4") / 1e6, 1) == 2.7
     assert round(model_parameter_count("preact_resnet164") / 1e6, 1) == 1.7
     assert abs(model_parameter_count("preact_resnet1001") / 1e6 - 10.2) < 0.15
 
@@ -372,6 +395,59 @@ def test_preact_imagenet_stem_normalises_before_the_max_pool():
     with torch.no_grad():
         torch.testing.assert_close(model.forward_stem(x), expected)
     assert list(model.state_dict())[:2] == ["conv1.weight", "bn1.weight"]
+
+
+def test_preact_first_unit_after_the_imagenet_stem_has_no_activation_of_its_own():
+    # He et al. 2016 §4: the first unit takes "the first activation right after conv1",
+    # which the ImageNet stem has applied before its max-pool (fb.resnet.torch: no_preact).
+    torch.manual_seed(0)
+    model = ResNet("preact_bottleneck", [2, 1], widths=(8, 16), stem="imagenet").eval()
+    first, second = model.layer1
+    assert first.bn1 is None and not any(k.startswith("layer1.0.bn1") for k in model.state_dict())
+    assert second.bn1 is not None
+    x = torch.relu(torch.randn(2, 64, 8, 8))  # a stem's output: BN–ReLU, then max-pooled
+    with torch.no_grad():
+        out = first.conv1(x)
+        out = first.conv2(torch.relu(first.bn2(out)))
+        out = first.conv3(torch.relu(first.bn3(out)))
+        torch.testing.assert_close(first(x), out + first.downsample(x))
+
+
+def test_preact_first_unit_after_a_bare_conv_shares_its_activation_with_the_shortcut():
+    # After the CIFAR stem's bare convolution the first unit's BN–ReLU comes before the split
+    # (fb.resnet.torch: both_preact), also where its shortcut is the identity; later units
+    # keep the raw sum on the shortcut.
+    torch.manual_seed(0)
+    model = create_model("preact_resnet110").eval()
+    first, second = model.layer1[0], model.layer1[1]
+    for bn in (first.bn1, second.bn1):  # BN away from the identity, so the two differ
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        for unit, shortcut_reads_activated in ((first, True), (second, False)):
+            activated = torch.relu(unit.bn1(x))
+            residual = unit.conv2(torch.relu(unit.bn2(unit.conv1(activated))))
+            expected = residual + (activated if shortcut_reads_activated else x)
+            torch.testing.assert_close(unit(x), expected)
+            torch.testing.assert_close(unit.shortcut(x), expected - residual)
+
+
+@pytest.mark.parametrize("option", [{"zero_init_residual": True}, {"drop_path_rate": 0.1}])
+def test_options_that_zero_residuals_are_refused_for_plain_networks(option):
+    # A plain unit is its residual: zeroing it zeroes the network's features and gradients.
+    with pytest.raises(ConfigError, match="plain network"):
+        create_model("plain20", **option)
+    create_model("resnet20", **option)  # with shortcuts the same option is fine
+
+
+def test_dropout_is_refused_where_a_unit_has_no_place_for_it():
+    with pytest.raises(ConfigError, match="Bottleneck units have no such place"):
+        create_model("resnet50", dropout=0.3)
+    with pytest.raises(ConfigError, match=r"dropout must be a number in \[0, 1\)"):
+        create_model("wrn_16_4", dropout=1.0)
+    model = create_model("wrn_16_4", dropout=0.3)
+    assert {unit.dropout for unit in model.units()} == {0.3}
 
 
 @pytest.mark.parametrize("name", list_models("cifar-preact") + list_models("cifar-wide"))

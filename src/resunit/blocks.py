@@ -195,6 +195,8 @@ class ResidualUnit(nn.Module):
 
     expansion: ClassVar[int] = 1
     preactivation: ClassVar[bool] = False
+    # Whether the unit has a place for dropout between its convolutions (Wide ResNets).
+    supports_dropout: ClassVar[bool] = False
 
     def __init__(
         self, in_channels: int, out_channels: int, stride: int, shortcut: str, drop_path: float
@@ -208,6 +210,23 @@ class ResidualUnit(nn.Module):
         self.stride = stride
         self.shortcut_kind = resolve_shortcut(in_channels, out_channels, stride, shortcut)
         self.drop_path = DropPath(drop_path)
+        if self.drop_path.drop_prob > 0 and self.shortcut_kind == "none":
+            # Dropping a plain unit's residual drops its whole output: the sample's features
+            # are zero from there on, not a shallower network.
+            raise ConfigError(
+                "stochastic depth (drop_path) drops a unit's residual and keeps its shortcut; "
+                "a plain unit (shortcut='none') has no shortcut to keep"
+            )
+
+    def extra_repr(self) -> str:
+        # What the printed layers do not show: dropout, and where a pre-activation unit's
+        # input BN–ReLU goes when it is not the default.
+        notes = []
+        if getattr(self, "dropout", 0.0):
+            notes.append(f"dropout={self.dropout}")
+        if getattr(self, "input_activation", "residual") != "residual":
+            notes.append(f"input_activation={self.input_activation!r}")
+        return ", ".join(notes)
 
     def _attach_shortcut(self) -> None:
         """Create ``downsample``; subclasses call this last so that the state_dict lists the
@@ -260,10 +279,12 @@ class ResidualUnit(nn.Module):
 class BasicBlock(ResidualUnit):
     """Two 3×3 conv+BN layers with a ReLU between: ``relu(F(x) + shortcut(x))``.
 
-    The stride sits on the first convolution; the shortcut matches it.
+    The stride sits on the first convolution; the shortcut matches it. ``dropout`` drops
+    activations between the two convolutions while training (as Wide ResNets do).
     """
 
     expansion = 1
+    supports_dropout = True
 
     def __init__(
         self,
@@ -274,11 +295,13 @@ class BasicBlock(ResidualUnit):
         groups: int = 1,
         base_width: int = 64,
         drop_path: float = 0.0,
+        dropout: float = 0.0,
     ) -> None:
         planes = _require_int("planes", planes, 1)
         if groups != 1 or base_width != 64:
             raise ConfigError("BasicBlock supports only groups=1 and base_width=64")
         super().__init__(in_channels, planes * self.expansion, stride, shortcut, drop_path)
+        self.dropout = _require_fraction("dropout", dropout)
         self.conv1 = conv3x3(in_channels, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
@@ -290,12 +313,21 @@ class BasicBlock(ResidualUnit):
         out = self.conv1(x)
         out = self.bn1(out)
         out = self.relu(out)
+        out = _dropout_between_convs(out, self.dropout, self.training)
         out = self.conv2(out)
         out = self.bn2(out)
         return out
 
     def zero_init_residual(self) -> None:
         nn.init.zeros_(self.bn2.weight)
+
+
+def _dropout_between_convs(x: Tensor, p: float, training: bool) -> Tensor:
+    """Dropout after the middle ReLU, before the second 3×3 convolution (Zagoruyko &
+    Komodakis 2016, §2.3). Only in training: an inference trace holds no dropout node."""
+    if p > 0.0 and training:
+        return F.dropout(x, p, True)
+    return x
 
 
 def _bottleneck_width(planes: int, groups: int, base_width: int) -> int:
@@ -360,44 +392,75 @@ class Bottleneck(ResidualUnit):
         nn.init.zeros_(self.bn3.weight)
 
 
+# Where a pre-activation unit's input BN–ReLU goes (``input_activation``), in the words of
+# fb.resnet.torch's preresnet.lua, the code of He et al. 2016: "residual" (its default, inside
+# the residual branch), "shared" (``both_preact``: before the split, so both branches read it)
+# and "none" (``no_preact``: the stem has just applied one).
+INPUT_ACTIVATIONS = ("residual", "shared", "none")
+
+
 class PreActUnit(ResidualUnit):
     """Pre-activation ordering (He et al. 2016, arXiv:1603.05027): BN–ReLU–conv, no ReLU
     after the sum, so the shortcut path stays a pure identity from unit to unit.
 
-    A projection shortcut reads the *pre-activated* input, as in the paper's code.
+    A projection shortcut reads the *pre-activated* input, as in the paper's code. The
+    network's first unit differs (the paper, §4: "we adopt the first activation right after
+    conv1 and before splitting into two paths"): after a bare convolution its BN–ReLU feeds
+    both branches (``input_activation="shared"``); after the ImageNet stem, which ends in
+    BN–ReLU and a max-pool already, it has none (``"none"``). :class:`~resunit.models.ResNet`
+    sets both.
     """
 
     preactivation = True
 
+    def _init_input_activation(self, input_activation: str) -> None:
+        if input_activation not in INPUT_ACTIVATIONS:
+            raise ConfigError(
+                f"unknown input_activation {input_activation!r}: choose one of "
+                + ", ".join(INPUT_ACTIVATIONS)
+            )
+        self.input_activation = input_activation
+        # None, not a module: a unit behind the ImageNet stem has no input BN to hold weights.
+        self.bn1 = nn.BatchNorm2d(self.in_channels) if input_activation != "none" else None
+
     def preactivate(self, x: Tensor) -> Tensor:
-        """BN + ReLU of the unit's input: the first step of its residual branch."""
+        """BN + ReLU of the unit's input (``x`` itself when ``input_activation="none"``)."""
+        if self.bn1 is None:
+            return x
         return F.relu(self.bn1(x))
 
     def residual_from_preactivated(self, out: Tensor) -> Tensor:
+        """The residual branch after the input BN–ReLU: what each unit type defines."""
         raise NotImplementedError
 
     def residual(self, x: Tensor) -> Tensor:
         return self.residual_from_preactivated(self.preactivate(x))
 
+    def _shortcut_of(self, x: Tensor, preactivated: Tensor) -> Tensor:
+        if self.downsample is not None:
+            return self.downsample(preactivated)
+        return preactivated if self.input_activation == "shared" else x
+
     def shortcut(self, x: Tensor) -> Tensor | None:
         if not self.has_shortcut:
             return None
-        return x if self.downsample is None else self.downsample(self.preactivate(x))
+        return self._shortcut_of(x, self.preactivate(x))
 
     def forward(self, x: Tensor) -> Tensor:
         preactivated = self.preactivate(x)
-        identity = x if self.downsample is None else self.downsample(preactivated)
         out = self.residual_from_preactivated(preactivated)
         out = self.drop_path(out)
         if self.has_shortcut:
-            out = out + identity
+            out = out + self._shortcut_of(x, preactivated)
         return out
 
 
 class PreActBasicBlock(PreActUnit):
-    """Pre-activation basic unit: ``x + conv(relu(bn(conv(relu(bn(x))))))``."""
+    """Pre-activation basic unit: ``x + conv(relu(bn(conv(relu(bn(x))))))``, the unit of
+    Wide ResNets; ``dropout`` drops activations before the second convolution in training."""
 
     expansion = 1
+    supports_dropout = True
 
     def __init__(
         self,
@@ -408,12 +471,15 @@ class PreActBasicBlock(PreActUnit):
         groups: int = 1,
         base_width: int = 64,
         drop_path: float = 0.0,
+        dropout: float = 0.0,
+        input_activation: str = "residual",
     ) -> None:
         planes = _require_int("planes", planes, 1)
         if groups != 1 or base_width != 64:
             raise ConfigError("PreActBasicBlock supports only groups=1 and base_width=64")
         super().__init__(in_channels, planes * self.expansion, stride, shortcut, drop_path)
-        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.dropout = _require_fraction("dropout", dropout)
+        self._init_input_activation(input_activation)
         self.conv1 = conv3x3(in_channels, planes, stride)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes)
@@ -423,6 +489,7 @@ class PreActBasicBlock(PreActUnit):
         out = self.conv1(out)
         out = self.bn2(out)
         out = F.relu(out)
+        out = _dropout_between_convs(out, self.dropout, self.training)
         out = self.conv2(out)
         return out
 
@@ -444,10 +511,11 @@ class PreActBottleneck(PreActUnit):
         groups: int = 1,
         base_width: int = 64,
         drop_path: float = 0.0,
+        input_activation: str = "residual",
     ) -> None:
         width = _bottleneck_width(planes, groups, base_width)
         super().__init__(in_channels, planes * self.expansion, stride, shortcut, drop_path)
-        self.bn1 = nn.BatchNorm2d(in_channels)
+        self._init_input_activation(input_activation)
         self.conv1 = conv1x1(in_channels, width)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv2 = conv3x3(width, width, stride, groups)
@@ -508,6 +576,7 @@ def unit_output_shape(unit: ResidualUnit, height: int, width: int) -> tuple[int,
 
 __all__ = [
     "BLOCKS",
+    "INPUT_ACTIVATIONS",
     "SHORTCUT_KINDS",
     "BasicBlock",
     "Bottleneck",

@@ -75,6 +75,12 @@ class ResNet(nn.Module):
         zero_init_residual: start each unit's residual at zero (Goyal et al. 2017).
         drop_path_rate: stochastic depth of the last unit, in [0, 1); earlier units get
             linearly less.
+        dropout: dropout between the two 3×3 convolutions of every basic unit while
+            training, in [0, 1) (Wide ResNets use 0.3; bottleneck units have no such place).
+
+    A pre-activation network's first unit takes the stem's activation the way He et al. 2016
+    do: after the bare CIFAR convolution its BN–ReLU feeds both branches, after the ImageNet
+    stem (which ends in BN–ReLU and a max-pool) it has none of its own.
 
     Every argument is checked before anything is built: a bad value is a ConfigError.
     """
@@ -94,6 +100,7 @@ class ResNet(nn.Module):
         width_per_group: int = 64,
         zero_init_residual: bool = False,
         drop_path_rate: float = 0.0,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         block_cls = resolve_block(block)
@@ -122,6 +129,21 @@ class ResNet(nn.Module):
         zero_init_residual = bool(zero_init_residual)
         # Checked here, not per unit, so the message names this argument and its own value.
         drop_path_rate = _require_fraction("drop_path_rate", drop_path_rate)
+        dropout = _require_fraction("dropout", dropout)
+        if dropout and not block_cls.supports_dropout:
+            raise ConfigError(
+                f"dropout sits between the two 3×3 convolutions of a basic unit (Wide ResNets); "
+                f"{block_cls.__name__} units have no such place"
+            )
+        plain = normalize_shortcut_kind(shortcut) == "none"
+        if plain and (zero_init_residual or drop_path_rate):
+            # Both zero a unit's residual, and a plain unit is nothing else: its output, and
+            # every gradient before it, would be zero.
+            option = "zero_init_residual" if zero_init_residual else "drop_path_rate"
+            raise ConfigError(
+                f"{option} zeroes residual branches, and a plain network (shortcut='none') has "
+                "no shortcut to carry the signal past them"
+            )
         self.block = block_cls
         self.stem_type = stem
         self.shortcut_kind = normalize_shortcut_kind(shortcut)
@@ -152,6 +174,9 @@ class ResNet(nn.Module):
             for i in range(depth):
                 stride = 2 if stage > 0 and i == 0 else 1
                 rate = drop_path_rate * unit_index / max(total_units - 1, 1)
+                options: dict[str, Any] = {"dropout": dropout} if dropout else {}
+                if self.preactivation and unit_index == 0:
+                    options["input_activation"] = "none" if stem == "imagenet" else "shared"
                 unit = block_cls(
                     channels,
                     planes,
@@ -160,6 +185,7 @@ class ResNet(nn.Module):
                     groups=groups,
                     base_width=width_per_group,
                     drop_path=rate,
+                    **options,
                 )
                 units.append(unit)
                 channels = unit.out_channels
@@ -445,12 +471,13 @@ for _depth in (164, 1001):
         num_classes=10,
     )
 # Wide ResNets (Zagoruyko & Komodakis 2016): WRN-d-k, pre-activation basic units, (d−4)/6 each.
-for _depth, _k in [(16, 4), (28, 10)]:
+for _depth, _k in [(16, 4), (16, 8), (28, 10), (40, 4)]:
     _n = (_depth - 4) // 6
     _register(
         f"wrn_{_depth}_{_k}",
         "cifar-wide",
-        f"Wide ResNet-{_depth}-{_k}: 3 stages × {_n} pre-activation units, widths ×{_k}",
+        f"Wide ResNet-{_depth}-{_k}: 3 stages × {_n} pre-activation units, widths ×{_k}; "
+        "the paper's dropout: dropout=0.3",
         block="preact_basic",
         layers=[_n] * 3,
         widths=tuple(w * _k for w in CIFAR_WIDTHS),

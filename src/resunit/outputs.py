@@ -154,6 +154,7 @@ __all__ = [
     "prepare_output_dir",
     "prepare_output_file",
     "reason",
+    "refuse_directories_where_files_go",
     "write_json",
     "write_jsonl",
     "write_text",

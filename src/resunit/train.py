@@ -216,6 +216,10 @@ def validate_config(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    # The model's name and options, before any data is read: built on the meta device,
+    # which allocates nothing and takes milliseconds.
+    with torch.device("meta"):
+        create_model(config.model, **config.model_overrides)
 
 
 def _check_option_types(config: TrainConfig) -> None:

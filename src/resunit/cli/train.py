@@ -95,6 +95,15 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--input-size", type=int, help="resize images to N×N before the model")
     g.add_argument(
+        "--model-option",
+        action="append",
+        metavar="KEY=VALUE",
+        dest="model_options",
+        help="model option, repeatable: shortcut=A|B|C (the paper's options), "
+        "zero_init_residual=true (Goyal et al.), drop_path_rate=0.1 (stochastic depth), "
+        "dropout=0.3 (Wide ResNets), or any other argument of resunit.ResNet",
+    )
+    g.add_argument(
         "--data-option",
         action="append",
         metavar="KEY=VALUE",
@@ -200,6 +209,7 @@ def run_train(args: argparse.Namespace) -> int:
             if getattr(args, name) is not None and name != "data_root"
         ]
         given += ["data_option"] * bool(args.data_options)
+        given += ["model_option"] * bool(args.model_options)
         if given or args.recipe:
             options = ", ".join(
                 "--" + n.replace("_", "-") for n in given + ["recipe"] * bool(args.recipe)
@@ -215,7 +225,8 @@ def run_train(args: argparse.Namespace) -> int:
         )
     else:
         options = {name: getattr(args, name) for name in _TRAIN_OPTIONS}
-        options["data_options"] = _parse_data_options(args.data_options)
+        options["data_options"] = _parse_key_values(args.data_options, "--data-option")
+        options["model_overrides"] = _parse_key_values(args.model_options, "--model-option")
         config = make_config(args.recipe, **options)
         summary = train(config, progress=not args.no_progress and not args.json)
     if summary.get("is_main", True) is False:
@@ -232,16 +243,29 @@ def run_train(args: argparse.Namespace) -> int:
     return 130 if summary["interrupted"] else 0
 
 
-def _parse_data_options(items: list[str] | None) -> dict[str, Any] | None:
+def _parse_key_values(items: list[str] | None, option: str) -> dict[str, Any] | None:
+    """``["dropout=0.3", "zero_init_residual=true"]`` as ``{"dropout": 0.3, …: True}``:
+    numbers and true/false become what they say, anything else stays text."""
     if not items:
         return None
     options: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--data-option takes KEY=VALUE, got {item!r}")
-        options[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value
+        if not sep or not key.strip():
+            raise ConfigError(f"{option} takes KEY=VALUE, got {item!r}")
+        options[key.strip()] = _option_value(value.strip())
     return options
+
+
+def _option_value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

@@ -116,7 +116,7 @@ def _batchnorms_after_additions(model: nn.Module) -> set[int]:
     # pre-activation network's final_bn.
     kept = set()
     for module in model.modules():
-        if isinstance(module, PreActUnit):
+        if isinstance(module, PreActUnit) and module.bn1 is not None:
             kept.add(id(module.bn1))
         if isinstance(module, ResNet) and module.preactivation:
             kept.add(id(getattr(module, "final_bn", None)))
