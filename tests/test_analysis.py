@@ -445,10 +445,28 @@ def test_lesioning_a_unit_the_model_lacks_is_a_config_error(name):
 
 
 def test_removing_a_zero_initialised_unit_changes_nothing(digits_test):
-    # F(x) = 0 and x ≥ 0 after a ReLU, so relu(F(x) + x) = x: every lesion is invisible.
-    model = create_model("resnet20", num_classes=10, in_chans=1, zero_init_residual=True)
-    result = lesion_study(model.eval(), digits_test)
+    # F(x) = 0 and x ≥ 0 after a ReLU, so relu(F(x) + x) = x: every lesion is invisible,
+    # in the logits themselves, not only in the accuracy.
+    model = create_model("resnet20", num_classes=10, in_chans=1, zero_init_residual=True).eval()
+    result = lesion_study(model, digits_test)
     assert all(r["drop"] == 0.0 for r in result["units"])
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        intact = model(x)
+        for name, _ in model.named_units():
+            with lesioned(model, name):
+                torch.testing.assert_close(model(x), intact, rtol=0, atol=0)
+
+
+def test_removing_a_trained_unit_changes_the_logits():
+    # The converse of the test above: where F(x) ≠ 0 the lesion must show.
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_chans=1).eval()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        intact = model(x)
+        with lesioned(model, "layer2.1"):
+            assert not torch.allclose(model(x), intact)
 
 
 def test_plain_units_that_change_shape_cannot_be_removed(digits_test):

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from resunit import deploy
-from resunit.checkpoint import save_checkpoint
+from resunit.checkpoint import load_model, save_checkpoint
 from resunit.cli import main
+from resunit.data import load_dataset
 from resunit.deploy import onnx_export
 from resunit.models import create_model
 
@@ -70,11 +71,22 @@ def test_export_int8_reports_accuracy_before_and_after(checkpoint, tmp_path, cap
     result = json.loads(capsys.readouterr().out)
     assert out.is_file() and result["format"].startswith("int8")
     assert result["calibration_images"] == 64 and result["test_images"] == 360
-    assert 0.0 <= result["accuracy_float32"] <= 1.0 and 0.0 <= result["accuracy_int8"] <= 1.0
-    # Accuracies can differ by no more than the share of images where the two disagree.
-    assert 0.0 <= result["top1_agreement"] <= 1.0
-    disagreement = 1 - result["top1_agreement"]
-    assert abs(result["accuracy_int8"] - result["accuracy_float32"]) <= disagreement + 1e-12
+    # The same three numbers worked out here: the digits test split normalised with the
+    # checkpoint's statistics, run through the float32 model and the written int8 file.
+    test = load_dataset("digits", "test")
+    x = ((test.images.double() / 255 - 0.3) / 0.4).float()  # the fixture's mean and std
+    model, _ = load_model(checkpoint)
+    with torch.no_grad():
+        float_picks = model(x).argmax(1)
+    int8_picks = deploy.OnnxRuntimeModel(out).run(x).argmax(1)
+    one_image = 1 / len(test)  # room for one near-tie that rounding may tip either way
+    for key, picks, reference in [
+        ("accuracy_float32", float_picks, test.labels),
+        ("accuracy_int8", int8_picks, test.labels),
+        ("top1_agreement", int8_picks, float_picks),
+    ]:
+        share = (picks == reference).double().mean().item()
+        assert result[key] == pytest.approx(share, abs=one_image * 1.01), key
 
 
 def test_export_data_root_without_int8_is_refused_rather_than_ignored(checkpoint, capsys):
@@ -153,7 +165,7 @@ def test_bench_gives_each_ratio_to_onnxruntime_round_by_round_with_an_interval(c
     assert eager["confidence"] == pytest.approx(1 - 2 / 2**5)  # 5 rounds: their whole range
     # The same direction as vs_onnxruntime (above 1: faster than ONNX Runtime), not its inverse:
     # eager PyTorch is several times slower than ONNX Runtime here.
-    assert rows["eager"]["vs_onnxruntime"] < 0.8 and eager["high"] < 1.0
+    assert rows["eager"]["vs_onnxruntime"] < 1.0 and eager["median"] < 1.0
     assert main([*argv, "--variants", "eager,onnxruntime"]) == 0
     table = capsys.readouterr().out
     ort_line = next(line for line in table.splitlines() if line.startswith("onnxruntime"))

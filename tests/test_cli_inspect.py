@@ -167,7 +167,7 @@ def test_analyze_user_errors(checkpoint, tmp_path, capsys):
     assert main(["analyze", "--checkpoint", str(tmp_path / "none.pt")]) == 2
     one_error_line(capsys, "checkpoint not found")
     assert main(["analyze", "--checkpoint", str(checkpoint), "--data", "synthetic"]) == 2
-    one_error_line(capsys, "")
+    one_error_line(capsys, "synthetic has 10 classes × 3 channels but the checkpoint expects")
     assert main(["analyze", "--checkpoint", str(checkpoint), "--limit", "0"]) == 2
     one_error_line(capsys, "limit (--limit) must be an integer ≥ 1")
 
@@ -196,7 +196,7 @@ def test_experiment_and_report_user_errors(tmp_path, capsys):
     assert main(["experiment", "degradation", "--depths", "21", "--out", str(tmp_path)]) == 2
     one_error_line(capsys, "depth 21 has no plain/residual pair")
     assert main(["report", str(tmp_path / "nothing")]) == 2
-    one_error_line(capsys, "")
+    one_error_line(capsys, f"{tmp_path / 'nothing'} is not a directory")
     assert main(["report", str(tmp_path)]) == 2
     one_error_line(capsys, f"{tmp_path} holds neither")
 

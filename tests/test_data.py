@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
-import io
 import os
 import pickle
 import tarfile
@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 from resunit.data import (
     ImageDataset,
@@ -35,7 +37,6 @@ from resunit.errors import DatasetError
 
 
 def test_digits_is_the_real_scikit_learn_data_scaled_to_uint8():
-    from sklearn.datasets import load_digits
 
     train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
     assert len(train) + len(test) == 1797 and len(test) == 360
@@ -50,24 +51,47 @@ def test_digits_is_the_real_scikit_learn_data_scaled_to_uint8():
         assert flat[tuple(image.flatten().tolist())] == int(label)
 
 
-def test_digits_split_is_fixed_stratified_and_disjoint():
-    a, b = load_dataset("digits", "test"), load_dataset("digits", "test")
-    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
-    counts = torch.bincount(a.labels, minlength=10)
-    assert counts.min() >= 35 and counts.max() <= 37  # 20% of each class (~180 per class)
-    train = load_dataset("digits", "train")
-    train_rows = {tuple(x.flatten().tolist()) for x in train.images}
-    overlap = sum(tuple(x.flatten().tolist()) in train_rows for x in a.images)
-    # A few digits in the data set are exact pixel duplicates of each other; allow those only.
-    assert overlap <= 5
+def _rows(dataset) -> collections.Counter:
+    """The dataset's (image, label) pairs as a multiset: a few digits are pixel duplicates."""
+    return collections.Counter(
+        (tuple(x.flatten().tolist()), int(y))
+        for x, y in zip(dataset.images, dataset.labels, strict=True)
+    )
+
+
+def test_digits_split_is_the_documented_stratified_split():
+    # README: train_test_split(test_size=0.2, stratify=target, random_state=0), redone here.
+    reference = load_digits()
+    indices = np.arange(len(reference.target))
+    train_idx, test_idx = train_test_split(
+        indices, test_size=0.2, stratify=reference.target, random_state=0
+    )
+
+    def expected(idx) -> collections.Counter:
+        scaled = np.rint(reference.images[idx] * 255 / 16).astype(int)
+        return collections.Counter(
+            (tuple(img.ravel().tolist()), int(t))
+            for img, t in zip(scaled, reference.target[idx], strict=True)
+        )
+
+    test = load_dataset("digits", "test")
+    assert _rows(test) == expected(test_idx)
+    assert _rows(load_dataset("digits", "train")) == expected(train_idx)
+    again = load_dataset("digits", "test")  # fixed: the same images in the same order
+    assert torch.equal(again.images, test.images) and torch.equal(again.labels, test.labels)
 
 
 def test_validation_split_is_carved_from_train_and_never_touches_test():
     full = load_dataset("digits", "train")
     train = load_dataset("digits", "train", val_fraction=0.1)
     val = load_dataset("digits", "val", val_fraction=0.1)
-    assert len(train) + len(val) == len(full)
+    # Every training image goes to exactly one of the two; none comes from anywhere else.
+    assert _rows(train) + _rows(val) == _rows(full)
     assert len(val) == pytest.approx(0.1 * len(full), abs=2)
+    counts = torch.bincount(val.labels, minlength=10).float()  # stratified: ~10% of each class
+    torch.testing.assert_close(
+        counts, 0.1 * torch.bincount(full.labels, minlength=10).float(), atol=1, rtol=0
+    )
     # Normalisation statistics stay those of the whole training split, so models agree.
     assert train.mean == full.mean == val.mean
     with pytest.raises(DatasetError, match="val_fraction"):
@@ -406,13 +430,6 @@ def test_unknown_dataset_and_split_are_user_errors():
         load_dataset("mnist")
     with pytest.raises(DatasetError, match="split"):
         load_dataset("digits", "dev")
-
-
-def test_in_memory_io_helpers_do_not_leak_files(tmp_path):
-    buffer = io.BytesIO()
-    Image.fromarray(np.zeros((3, 3), np.uint8)).save(buffer, format="PNG")
-    (tmp_path / "z.png").write_bytes(buffer.getvalue())
-    assert read_image(tmp_path / "z.png", 1).shape == (1, 3, 3)
 
 
 def test_imagefolder_without_a_root_names_the_argument_and_the_flag():

@@ -1,6 +1,5 @@
 """The model zoo: published parameter counts, torchvision compatibility, shortcut placement."""
 
-import itertools
 import json
 from pathlib import Path
 
@@ -376,8 +375,8 @@ def test_zero_init_residual_zeroes_every_last_bn():
 def test_drop_path_rate_grows_linearly_with_depth():
     model = create_model("resnet20", drop_path_rate=0.2)
     rates = [u.drop_path.drop_prob for u in model.units()]
-    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2)
-    assert all(b > a for a, b in itertools.pairwise(rates))
+    # Huang et al. 2016's linear decay rule: 0 for the first unit, the rate for the last.
+    assert rates == pytest.approx([0.2 * i / 8 for i in range(9)])
 
 
 # --- pre-activation with the ImageNet stem ----------------------------------------------------
@@ -500,8 +499,10 @@ def test_registry_specs_are_read_only():
         spec.kwargs["layers"] = [1, 1, 1]
     with pytest.raises(TypeError):
         spec.kwargs["layers"][0] = 1
-    options = dict(spec.kwargs)  # the documented way to start from a spec
+    options = dict(spec.kwargs)  # the documented way to start from a spec: a copy to change
     options["layers"] = [1, 1, 1]
+    assert count_parameters(ResNet(**options)) < PUBLISHED_CIFAR["resnet20"]
+    assert get_model_spec("resnet20").kwargs["layers"] == (3, 3, 3)
     assert count_parameters(create_model("resnet20")) == PUBLISHED_CIFAR["resnet20"]
 
 

@@ -256,10 +256,15 @@ def test_the_analysis_hint_names_a_checkpoint_that_exists(experiment_dir, run_co
     assert f"resunit analyze --checkpoint {run_copy / 'best.pt'}<" in page
 
 
-def test_a_plot_that_cannot_be_redrawn_only_leaves_the_plot_out():
-    from resunit.report import _regenerate
+def test_a_plot_that_cannot_be_redrawn_only_leaves_the_plot_out(run_copy, monkeypatch):
+    from resunit import plots
 
-    def unwritable(path):
+    def unwritable(metrics, path):
         raise ConfigError(f"cannot write the plot {path}: Permission denied")
 
-    assert _regenerate(unwritable, Path("curves.png")) is None
+    (run_copy / "curves.png").unlink()  # the report would redraw it, and that fails
+    monkeypatch.setattr(plots, "plot_training_curves", unwritable)
+    page = build_report(run_copy)
+    assert "(training curves: no plot available)" in page
+    assert "<img alt='training curves'" not in page and "Permission denied" not in page
+    assert not (run_copy / "curves.png").exists()

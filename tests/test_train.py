@@ -460,9 +460,12 @@ def test_train_restores_the_thread_count_when_it_fails_and_zero_keeps_it(tmp_pat
         make_config(threads=-1)
 
 
-def test_recipes_are_valid_configs():
-    for name in RECIPES:
-        make_config(name)
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_a_recipe_sets_every_value_it_names(name):
+    config = make_config(name)
+    assert config.recipe == name
+    for option, value in RECIPES[name].items():
+        assert getattr(config, option) == value, option
 
 
 def test_run_directory_is_never_overwritten(tmp_path):
