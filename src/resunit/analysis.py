@@ -35,8 +35,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from resunit.blocks import (
     ResidualUnit,
-    _did_you_mean,
-    _require_int,
     describe_shortcut,
     normalize_shortcut_kind,
 )
@@ -51,6 +49,7 @@ from resunit.models import (
     resolve_block,
 )
 from resunit.outputs import prepare_output_dir, write_json
+from resunit.validation import did_you_mean, require_int
 
 # --- counting -----------------------------------------------------------------------------
 
@@ -500,7 +499,7 @@ def lesioned(model: ResNet, name: str) -> Iterator[ResNet]:
     names = [unit_name for unit_name, _ in model.named_units()]
     if name not in names:
         raise ConfigError(
-            f"no unit {name!r} in this model{_did_you_mean(str(name), names)}: its units are "
+            f"no unit {name!r} in this model{did_you_mean(str(name), names)}: its units are "
             f"{names[0]} … {names[-1]}"
         )
     stage_name, index = name.rsplit(".", 1)
@@ -674,9 +673,9 @@ def analyze_checkpoint(
     from resunit.train import load_run_data
 
     # Named for both audiences: the Python argument and the CLI flag that sets it.
-    batch_size = _require_int("batch_size (--batch-size)", batch_size, 1)
+    batch_size = require_int("batch_size (--batch-size)", batch_size, 1)
     if limit is not None:
-        limit = _require_int("limit (--limit)", limit, 1)
+        limit = require_int("limit (--limit)", limit, 1)
     model, config = load_model(path, needs=FEEDING_FIELDS)
     data = data or config.get("data") or config.get("dataset")
     # As the run saw its data: same options, classes and channels checked, its normalisation.

@@ -18,48 +18,18 @@ modules, so analysis can evaluate each branch alone and a lesion can drop the re
 
 from __future__ import annotations
 
-import difflib
-import numbers
-from collections.abc import Iterable
 from typing import ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resunit.errors import ConfigError
+from resunit.validation import did_you_mean, require_fraction, require_int
 
 SHORTCUT_KINDS = ("auto", "identity", "projection", "pad", "avgpool", "none")
 # The paper's letters for the same choices (He et al. 2015, §4.1 "Identity vs. Projection
 # Shortcuts"): A pads, B projects only where shapes change, C projects everywhere.
 _PAPER_OPTIONS = {"a": "pad", "b": "auto", "c": "projection"}
-
-
-def _did_you_mean(word: object, choices: Iterable[str]) -> str:
-    """`` (did you mean x?)`` naming the choices closest to ``word``; empty if none is close."""
-    if not isinstance(word, str):
-        return ""
-    by_lower = {choice.lower(): choice for choice in choices}
-    close = difflib.get_close_matches(word.lower(), by_lower, n=3)
-    return f" (did you mean {', '.join(by_lower[c] for c in close)}?)" if close else ""
-
-
-def _require_int(name: str, value: object, minimum: int) -> int:
-    """``value`` as an ``int`` if it is an integer ≥ ``minimum``; a ConfigError otherwise.
-
-    Checked here because torch accepts a float stride or a zero channel count silently (or
-    fails deep inside a layer). Booleans are refused although Python counts them as ints.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ConfigError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
-    return int(value)
-
-
-def _require_fraction(name: str, value: object) -> float:
-    """``value`` as a ``float`` if it is a number in [0, 1) (a drop probability); a
-    ConfigError otherwise. Booleans are refused although Python counts them as numbers."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
-        raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}")
-    return float(value)
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -79,7 +49,7 @@ def normalize_shortcut_kind(kind: str) -> str:
     canonical = _PAPER_OPTIONS.get(kind.lower(), kind.lower()) if isinstance(kind, str) else None
     if canonical not in SHORTCUT_KINDS:
         raise ConfigError(
-            f"unknown shortcut kind {kind!r}{_did_you_mean(kind, SHORTCUT_KINDS)}: choose one "
+            f"unknown shortcut kind {kind!r}{did_you_mean(kind, SHORTCUT_KINDS)}: choose one "
             f"of {', '.join(SHORTCUT_KINDS)} (or the paper's options A, B, C)"
         )
     return canonical
@@ -177,7 +147,7 @@ class DropPath(nn.Module):
 
     def __init__(self, drop_prob: float = 0.0) -> None:
         super().__init__()
-        self.drop_prob = _require_fraction("drop_path", drop_prob)
+        self.drop_prob = require_fraction("drop_path", drop_prob)
 
     def forward(self, x: Tensor) -> Tensor:
         return drop_path(x, self.drop_prob, self.training)
@@ -202,9 +172,9 @@ class ResidualUnit(nn.Module):
         self, in_channels: int, out_channels: int, stride: int, shortcut: str, drop_path: float
     ) -> None:
         super().__init__()
-        in_channels = _require_int("in_channels", in_channels, 1)
-        out_channels = _require_int("out_channels", out_channels, 1)
-        stride = _require_int("stride", stride, 1)
+        in_channels = require_int("in_channels", in_channels, 1)
+        out_channels = require_int("out_channels", out_channels, 1)
+        stride = require_int("stride", stride, 1)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.stride = stride
@@ -297,11 +267,11 @@ class BasicBlock(ResidualUnit):
         drop_path: float = 0.0,
         dropout: float = 0.0,
     ) -> None:
-        planes = _require_int("planes", planes, 1)
+        planes = require_int("planes", planes, 1)
         if groups != 1 or base_width != 64:
             raise ConfigError("BasicBlock supports only groups=1 and base_width=64")
         super().__init__(in_channels, planes * self.expansion, stride, shortcut, drop_path)
-        self.dropout = _require_fraction("dropout", dropout)
+        self.dropout = require_fraction("dropout", dropout)
         self.conv1 = conv3x3(in_channels, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
@@ -332,9 +302,9 @@ def _dropout_between_convs(x: Tensor, p: float, training: bool) -> Tensor:
 
 def _bottleneck_width(planes: int, groups: int, base_width: int) -> int:
     """Channels of a bottleneck's 3×3: ``int(planes · base_width / 64) · groups`` (torchvision)."""
-    planes = _require_int("planes", planes, 1)
-    groups = _require_int("groups", groups, 1)
-    base_width = _require_int("base_width", base_width, 1)
+    planes = require_int("planes", planes, 1)
+    groups = require_int("groups", groups, 1)
+    base_width = require_int("base_width", base_width, 1)
     width = int(planes * (base_width / 64.0)) * groups
     if width < 1:
         # The int() rounds a narrow group down to nothing: the convolutions would be empty.
@@ -474,11 +444,11 @@ class PreActBasicBlock(PreActUnit):
         dropout: float = 0.0,
         input_activation: str = "residual",
     ) -> None:
-        planes = _require_int("planes", planes, 1)
+        planes = require_int("planes", planes, 1)
         if groups != 1 or base_width != 64:
             raise ConfigError("PreActBasicBlock supports only groups=1 and base_width=64")
         super().__init__(in_channels, planes * self.expansion, stride, shortcut, drop_path)
-        self.dropout = _require_fraction("dropout", dropout)
+        self.dropout = require_fraction("dropout", dropout)
         self._init_input_activation(input_activation)
         self.conv1 = conv3x3(in_channels, planes, stride)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -568,12 +538,6 @@ def describe_shortcut(unit: ResidualUnit, in_size: int | None = None) -> str:
     return f"projection 1×1/{s}: {why}"
 
 
-def unit_output_shape(unit: ResidualUnit, height: int, width: int) -> tuple[int, int, int]:
-    """(channels, height, width) that ``unit`` produces from a ``height``×``width`` input."""
-    s = unit.stride
-    return unit.out_channels, -(-height // s), -(-width // s)
-
-
 __all__ = [
     "BLOCKS",
     "INPUT_ACTIVATIONS",
@@ -593,5 +557,4 @@ __all__ = [
     "make_shortcut",
     "normalize_shortcut_kind",
     "resolve_shortcut",
-    "unit_output_shape",
 ]

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from resunit.blocks import _require_int
 from resunit.data import ImageDataset, normalize
 from resunit.errors import ConfigError
 from resunit.models import dtype_and_device
+from resunit.validation import require_int
 
 
 def prepare_batch(
@@ -58,7 +58,7 @@ def evaluate(
     ``device``, by default the model's (CPU when it has no parameters or buffers). Its
     train/eval mode is restored afterwards, even when evaluation fails.
     """
-    batch_size = _require_int("batch size", batch_size, 1)
+    batch_size = require_int("batch size", batch_size, 1)
     device = torch.device(device) if device else dtype_and_device(model)[1]
     was_training = model.training
     model.eval()

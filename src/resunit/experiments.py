@@ -33,11 +33,11 @@ from resunit.models import create_model, list_models
 from resunit.outputs import (
     CHOOSE_ANOTHER_OUT,
     check_output_location,
+    read_jsonl,
     refuse_directories_where_files_go,
     write_json,
     write_jsonl,
 )
-from resunit.report import read_jsonl
 from resunit.train import (
     LOWER_LR_HINT,
     TrainConfig,

@@ -20,16 +20,16 @@ from torch import Tensor, nn
 from resunit.blocks import (
     BLOCKS,
     ResidualUnit,
-    _did_you_mean,
-    _require_fraction,
-    _require_int,
     normalize_shortcut_kind,
 )
 from resunit.errors import ConfigError
+from resunit.validation import did_you_mean, require_fraction, require_int
 
 # How many stages a scripted model can run: TorchScript cannot look a stage up by a computed
 # name, so its forward names layer1 … layer8 one by one (see ResNet._forward_stages_scripted).
 MAX_SCRIPTABLE_STAGES = 8
+# Stage widths ("planes") of the ImageNet ResNets (He et al. 2015, Table 1).
+IMAGENET_WIDTHS = (64, 128, 256, 512)
 
 
 def resolve_block(block: object) -> type[ResidualUnit]:
@@ -39,7 +39,7 @@ def resolve_block(block: object) -> type[ResidualUnit]:
     if isinstance(block, str) and block in BLOCKS:
         return BLOCKS[block]
     raise ConfigError(
-        f"unknown block {block!r}{_did_you_mean(block, BLOCKS)}: choose one of "
+        f"unknown block {block!r}{did_you_mean(block, BLOCKS)}: choose one of "
         f"{', '.join(BLOCKS)} (or pass a ResidualUnit subclass)"
     )
 
@@ -49,7 +49,7 @@ def _int_sequence(name: str, values: object, minimum: int) -> tuple[int, ...]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
         raise ConfigError(f"{name} must be a non-empty list of integers, got {values!r}")
     try:
-        return tuple(_require_int(name, v, minimum) for v in values)
+        return tuple(require_int(name, v, minimum) for v in values)
     except ConfigError:  # name the whole list, not the one entry
         raise ConfigError(
             f"every entry of {name} must be an integer ≥ {minimum}, got {list(values)!r}"
@@ -89,7 +89,7 @@ class ResNet(nn.Module):
         self,
         block: str | type[ResidualUnit],
         layers: Sequence[int],
-        widths: Sequence[int] = (64, 128, 256, 512),
+        widths: Sequence[int] = IMAGENET_WIDTHS,
         *,
         stem: str = "imagenet",
         stem_width: int | None = None,
@@ -113,11 +113,11 @@ class ResNet(nn.Module):
         if not isinstance(stem, str) or stem not in ("imagenet", "cifar"):
             raise ConfigError(f"unknown stem {stem!r}: choose 'imagenet' or 'cifar'")
         if stem_width is not None:  # `is None`, not `or`: stem_width=0 is an error, not a default
-            stem_width = _require_int("stem_width", stem_width, 1)
-        num_classes = _require_int("num_classes", num_classes, 0)
-        in_chans = _require_int("in_chans", in_chans, 1)
-        groups = _require_int("groups", groups, 1)
-        width_per_group = _require_int("width_per_group", width_per_group, 1)
+            stem_width = require_int("stem_width", stem_width, 1)
+        num_classes = require_int("num_classes", num_classes, 0)
+        in_chans = require_int("in_chans", in_chans, 1)
+        groups = require_int("groups", groups, 1)
+        width_per_group = require_int("width_per_group", width_per_group, 1)
         # numpy's bool and 0/1 (hand-written overrides) mean what they say; 2 or "yes" do not.
         if not isinstance(zero_init_residual, (bool, np.bool_)) and zero_init_residual not in (
             0,
@@ -128,8 +128,8 @@ class ResNet(nn.Module):
             )
         zero_init_residual = bool(zero_init_residual)
         # Checked here, not per unit, so the message names this argument and its own value.
-        drop_path_rate = _require_fraction("drop_path_rate", drop_path_rate)
-        dropout = _require_fraction("dropout", dropout)
+        drop_path_rate = require_fraction("drop_path_rate", drop_path_rate)
+        dropout = require_fraction("dropout", dropout)
         if dropout and not block_cls.supports_dropout:
             raise ConfigError(
                 f"dropout sits between the two 3×3 convolutions of a basic unit (Wide ResNets); "
@@ -319,7 +319,7 @@ class ResNet(nn.Module):
         """Replace the head with a freshly initialised one for ``num_classes`` classes (0: no
         head, the pooled features come out). It gets the dtype and device of the model's
         parameters, so a model already moved or cast keeps working."""
-        num_classes = _require_int("num_classes", num_classes, 0)
+        num_classes = require_int("num_classes", num_classes, 0)
         like = self.conv1.weight
         self.num_classes = num_classes
         self.fc = (
@@ -382,7 +382,6 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
-IMAGENET_WIDTHS = (64, 128, 256, 512)
 CIFAR_WIDTHS = (16, 32, 64)
 
 
@@ -507,7 +506,7 @@ def get_model_spec(name: str) -> ModelSpec:
         raise ConfigError(f"a model name is a string, got {type(name).__name__}")
     if name not in _REGISTRY:
         raise ConfigError(
-            f"unknown model {name!r}{_did_you_mean(name, _REGISTRY)}; "
+            f"unknown model {name!r}{did_you_mean(name, _REGISTRY)}; "
             "`resunit models` lists the available ones"
         )
     return _REGISTRY[name]
@@ -532,7 +531,7 @@ def create_model(
     if unknown:
         key = unknown[0]
         raise ConfigError(
-            f"cannot build {name!r}: it has no option {key!r}{_did_you_mean(key, options)}; "
+            f"cannot build {name!r}: it has no option {key!r}{did_you_mean(key, options)}; "
             f"the options are {', '.join(options)}"
         )
     if num_classes is not None:

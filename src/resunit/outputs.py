@@ -1,5 +1,6 @@
 """Where a command's results go: a bad location is refused before the work, and every file
-is written whole (through :func:`resunit.atomic.atomic_path`) or not at all.
+is written whole (through :func:`resunit.atomic.atomic_path`) or not at all; reading them
+back (:func:`read_jsonl`) names a damaged file and line instead of raising a traceback.
 
 A command that trains or analyses for minutes checks where it will write first
 (:func:`check_output_location`, :func:`prepare_output_dir`, :func:`prepare_output_file`), so a
@@ -146,6 +147,41 @@ def reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+def read_text(path: Path) -> str:
+    """The UTF-8 text of a result file; a file that is not text, or cannot be read, is a
+    :class:`ConfigError` saying so (a damaged run directory, not a traceback)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file; the run directory is damaged") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {reason(exc)}") from None
+
+
+def read_jsonl(path: str | os.PathLike[str], numbers: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file, [] when there is none. A bad line, or one whose
+    fields named in ``numbers`` are not all numbers, is a :class:`ConfigError` naming the
+    file and the line number."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} line {number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise ConfigError(f"{path} line {number} is not a JSON object")
+        missing = [k for k in numbers if not isinstance(record.get(k), (int, float))]
+        if missing:
+            raise ConfigError(f"{path} line {number} lacks {', '.join(missing)}")
+        records.append(record)
+    return records
+
+
 __all__ = [
     "CHOOSE_ANOTHER_OUT",
     "atomic_output",
@@ -153,6 +189,8 @@ __all__ = [
     "folders_removed_on_failure",
     "prepare_output_dir",
     "prepare_output_file",
+    "read_jsonl",
+    "read_text",
     "reason",
     "refuse_directories_where_files_go",
     "write_json",

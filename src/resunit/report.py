@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from resunit.errors import ConfigError, ResunitError
-from resunit.outputs import check_output_location, reason, write_text
+from resunit.outputs import check_output_location, read_jsonl, read_text, write_text
 
 _STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px;
@@ -75,50 +75,18 @@ def build_report(run_dir: str | os.PathLike[str]) -> str:
 # --- building blocks ------------------------------------------------------------------------
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not a text file; the run directory is damaged") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {reason(exc)}") from None
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     """The JSON object in ``path``, None when there is no such file; anything else that is
     not a JSON object is a damaged run directory, named so the user can remove or fix it."""
     if not path.is_file():
         return None
     try:
-        value = json.loads(_read_text(path))
+        value = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
     if not isinstance(value, dict):
         raise ConfigError(f"{path} does not hold a JSON object")
     return value
-
-
-def read_jsonl(path: Path, numbers: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file, [] when there is none. A bad line, or one whose
-    fields named in ``numbers`` are not all numbers, is a :class:`ConfigError` naming the
-    file and the line number."""
-    if not path.is_file():
-        return []
-    records = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} line {number} is not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise ConfigError(f"{path} line {number} is not a JSON object")
-        missing = [k for k in numbers if not isinstance(record.get(k), (int, float))]
-        if missing:
-            raise ConfigError(f"{path} line {number} lacks {', '.join(missing)}")
-        records.append(record)
-    return records
 
 
 @contextlib.contextmanager
@@ -412,4 +380,4 @@ def _regenerate(draw: Any, path: Path) -> Path | None:
         return None
 
 
-__all__ = ["build_report", "read_jsonl", "write_report"]
+__all__ = ["build_report", "write_report"]

@@ -46,6 +46,7 @@ from resunit.outputs import (
     check_output_location,
     folders_removed_on_failure,
     prepare_output_dir,
+    read_jsonl,
     refuse_directories_where_files_go,
     write_json,
     write_jsonl,
@@ -1132,11 +1133,8 @@ def predict_files(
 
 
 def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The per-epoch records of a run (``metrics.jsonl``)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The per-epoch records of a run (``metrics.jsonl``); [] before the first epoch."""
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 __all__ = [
