@@ -241,6 +241,7 @@ class ResNet(nn.Module):
     # on a module while compiling and skips the branch for a layer this model does not have.
 
     def forward_stem(self, x: Tensor) -> Tensor:
+        """The stem alone: what the first unit receives."""
         x = self.conv1(x)
         if hasattr(self, "bn1"):
             x = self.relu(self.bn1(x))

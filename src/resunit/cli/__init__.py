@@ -18,6 +18,7 @@ COMMAND_MODULES = [zoo, train, deploy, inspect]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``resunit`` parser with every command group's sub-commands registered."""
     parser = OneLineErrorParser(
         prog="resunit",
         description=(

@@ -81,6 +81,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: s
 
 
 def add_json_flag(parser: argparse.ArgumentParser, instead_of: str = "a table") -> None:
+    """Give a command the shared ``--json`` flag (results as JSON on stdout, for scripts)."""
     parser.add_argument(
         "--json", action="store_true", help=f"print machine-readable JSON instead of {instead_of}"
     )

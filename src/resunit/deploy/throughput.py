@@ -231,6 +231,7 @@ class PairedRatio:
     rounds: int
 
     def describe(self) -> str:
+        """One line for a report: ``1.03× (96% interval 0.98-1.09, 9 rounds)``."""
         return (
             f"{self.median:.2f}× ({self.confidence:.0%} interval "
             f"{self.low:.2f}-{self.high:.2f}, {self.rounds} rounds)"
