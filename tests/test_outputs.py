@@ -5,8 +5,15 @@ import os
 
 import pytest
 
+from resunit.cli.common import print_json
 from resunit.errors import ConfigError
-from resunit.outputs import check_output_location, prepare_output_dir, write_json, write_text
+from resunit.outputs import (
+    check_output_location,
+    prepare_output_dir,
+    write_json,
+    write_jsonl,
+    write_text,
+)
 
 
 def test_a_location_of_the_wrong_kind_or_below_a_file_is_refused_and_nothing_is_created(tmp_path):
@@ -66,3 +73,25 @@ def test_replacing_a_file_keeps_its_mode(tmp_path):
     private.chmod(0o600)  # the user's choice for this file survives a rewrite
     write_json(private, {"a": 1})
     assert private.stat().st_mode & 0o777 == 0o600 and json.loads(private.read_text()) == {"a": 1}
+
+
+def _strict_loads(text: str):
+    """json.loads as jq or a browser read JSON: NaN and Infinity are not JSON."""
+
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_results_write_non_finite_numbers_as_null(tmp_path, capsys):
+    # A diverged model's loss is NaN; Python would write the token NaN, which is not JSON.
+    payload = {"loss": float("nan"), "rows": [1.5, float("inf"), (float("-inf"), 2)], "ok": 3}
+    expected = {"loss": None, "rows": [1.5, None, [None, 2]], "ok": 3}
+    write_json(tmp_path / "a.json", payload)
+    assert _strict_loads((tmp_path / "a.json").read_text()) == expected
+    write_jsonl(tmp_path / "a.jsonl", [payload, {"x": float("nan")}])
+    lines = (tmp_path / "a.jsonl").read_text().splitlines()
+    assert [_strict_loads(line) for line in lines] == [expected, {"x": None}]
+    print_json(payload)
+    assert _strict_loads(capsys.readouterr().out) == expected

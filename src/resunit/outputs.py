@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,14 +133,32 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
     return Path(path)
 
 
+def json_text(
+    payload: Any, indent: int | None = None, default: Callable[[Any], Any] | None = None
+) -> str:
+    """``payload`` as strict JSON. NaN and ±inf (the loss of a diverged model) become
+    ``null``: Python's own ``NaN`` token is not JSON, and jq or a browser refuse the file."""
+    return json.dumps(_finite(payload), indent=indent, default=default, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
 def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
-    """Write ``payload`` as indented JSON, atomically."""
-    return write_text(path, json.dumps(payload, indent=2) + "\n")
+    """Write ``payload`` as indented strict JSON (see :func:`json_text`), atomically."""
+    return write_text(path, json_text(payload, indent=2) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike[str], records: Sequence[dict[str, Any]]) -> Path:
     """Write one JSON object per line, atomically (a whole log, e.g. on resume)."""
-    return write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    return write_text(path, "".join(json_text(r) + "\n" for r in records))
 
 
 def reason(exc: OSError) -> str:
@@ -187,6 +206,7 @@ __all__ = [
     "atomic_output",
     "check_output_location",
     "folders_removed_on_failure",
+    "json_text",
     "prepare_output_dir",
     "prepare_output_file",
     "read_jsonl",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import numbers
 import os
@@ -45,6 +44,7 @@ from resunit.outputs import (
     CHOOSE_ANOTHER_OUT,
     check_output_location,
     folders_removed_on_failure,
+    json_text,
     prepare_output_dir,
     read_jsonl,
     refuse_directories_where_files_go,
@@ -1057,7 +1057,7 @@ class _RunWriter:
 
     def log(self, record: dict[str, Any], final: bool = False) -> None:
         with (self.run_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_text(record) + "\n")
             f.flush()
         if self.tb is not None:
             for key, value in record.items():

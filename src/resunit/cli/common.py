@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from resunit.errors import ConfigError, ResunitError
+from resunit.outputs import json_text
 
 USAGE_ERROR = 2
 # What a shell reports for a process killed by SIGPIPE; the reader (`| head`) went away.
@@ -58,9 +58,9 @@ def _rank_label() -> str:
 
 
 def print_json(payload: Any) -> None:
-    """Write ``payload`` as indented JSON to stdout (for scripts: ``--json``)."""
-    json.dump(payload, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
+    """Write ``payload`` as indented strict JSON to stdout (for scripts: ``--json``); a NaN
+    or infinity is ``null`` (see :func:`resunit.outputs.json_text`)."""
+    sys.stdout.write(json_text(payload, indent=2, default=str) + "\n")
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> str:
