@@ -211,9 +211,13 @@ def _append(path: Path, text: str) -> None:
          "analysis.json lacks the field 'mean_ratio_per_stage'"),
         (lambda d: (d / "summary.json").write_text("{\"test_accuracy\": \"high\"}"),
          "summary.json holds a field of the wrong type"),
+        # Without curves.png the report redraws the plot, which needs every epoch's fields.
+        (lambda d: ((d / "curves.png").unlink(),
+                    (d / "metrics.jsonl").write_text("{\"epoch\": 1, \"train_loss\": 1.0}\n")),
+         "metrics.jsonl lacks the field 'train_accuracy'"),
     ],
     ids=["config-json", "config-list", "config-no-model", "metrics-line", "analysis-binary",
-         "analysis-fields", "summary-type"],
+         "analysis-fields", "summary-type", "metrics-fields-for-the-plot"],
 )  # fmt: skip
 def test_a_damaged_training_run_is_one_line_naming_the_file(run_copy, capsys, damage, message):
     lines = len((run_copy / "metrics.jsonl").read_text().splitlines()) + 1  # the appended line

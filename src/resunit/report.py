@@ -260,7 +260,8 @@ def _training_sections(run_dir: Path) -> tuple[str, list[tuple[str, str, str]]]:
     title = f"Training run: {config.get('model')} on {config.get('data', config.get('dataset'))}"
     curves = run_dir / "curves.png"
     if not curves.exists() and metrics:  # a folder of that name: no plot, no stray file
-        curves = _regenerate(lambda p: _plots().plot_training_curves(metrics, p), curves)
+        with _fields_of(metrics_path):  # the plot reads fields the table below may not
+            curves = _regenerate(lambda p: _plots().plot_training_curves(metrics, p), curves)
     shown = {k: v for k, v in config.items() if k not in ("classes", "mean", "std")}
     with _fields_of(metrics_path):
         curve_rows = [
