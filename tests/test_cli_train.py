@@ -255,6 +255,53 @@ def test_run_dir_and_resume_mistakes_are_one_line(tmp_path, capsys, reference_ru
     assert "checkpoint expects" in _error_line(capsys)
 
 
+def _unfinished_copy(reference_run: Path, tmp_path: Path) -> Path:
+    """The reference run with one more epoch to go, so that --resume has work to do."""
+    run = tmp_path / "unfinished"
+    shutil.copytree(reference_run, run)
+    state = read_checkpoint(run / "last.pt")
+    state["config"]["epochs"] += 1
+    torch.save(state, run / "last.pt")
+    return run
+
+
+def _set(state: dict, key: str, value) -> None:
+    state[key] = value
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (lambda s: _set(s, "torch_rng", torch.zeros(3)), "its training state is damaged"),
+        (lambda s: _set(s, "data_rng", torch.zeros(3)), "its training state is damaged"),
+        (lambda s: _set(s, "epoch", "two"), "its training state is damaged"),
+        (lambda s: s["config"].update(model="resnet56"), "does not fit the resnet56 its config"),
+        (lambda s: s["config"].update(num_classes=3), "trained with 3 classes and digits now"),
+    ],
+    ids=["torch-rng", "data-rng", "epoch", "other-model", "other-classes"],
+)
+def test_a_damaged_run_to_resume_is_one_line_and_left_as_it_was(
+    reference_run, tmp_path, capsys, damage, expected
+):
+    run = _unfinished_copy(reference_run, tmp_path)
+    state = read_checkpoint(run / "last.pt")
+    state["epoch_step"] = 5  # mid-epoch, so that the data order's state is read as well
+    damage(state)
+    torch.save(state, run / "last.pt")
+    before = hashlib.sha256((run / "last.pt").read_bytes()).hexdigest()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    assert expected in _error_line(capsys)
+    assert hashlib.sha256((run / "last.pt").read_bytes()).hexdigest() == before
+
+
+def test_resume_names_a_path_that_is_no_run_directory(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("")
+    assert main(["train", "--resume", str(tmp_path / "notes.txt")]) == 2
+    assert "notes.txt is a file: resume takes the run directory" in _error_line(capsys)
+    assert main(["train", "--resume", str(tmp_path / "gone")]) == 2
+    assert "gone does not exist" in _error_line(capsys)
+
+
 def _files_under(path: Path) -> set[Path]:
     return set(path.rglob("*"))
 

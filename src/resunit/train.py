@@ -631,6 +631,11 @@ def _train(
         )
     if resume is not None:
         run_dir = Path(resume)
+        if not run_dir.is_dir():
+            what = "is a file" if run_dir.exists() else "does not exist"
+            raise ConfigError(
+                f"{run_dir} {what}: resume takes the run directory that holds last.pt"
+            )
         state = read_checkpoint(run_dir / "last.pt")
         missing = [key for key in _RESUME_KEYS if key not in state]
         if state.get("format") != CHECKPOINT_FORMAT or missing:
@@ -732,24 +737,38 @@ def _run(
     if state is not None:
         if global_step_of(state) >= total_steps:
             raise ConfigError(f"{run_dir} has finished its {total_steps} steps: nothing to resume")
+        last = run_dir / "last.pt"
+        trained_classes = state["config"].get("num_classes")
+        if trained_classes != train_set.num_classes:
+            raise CheckpointError(
+                f"{last} no longer fits its data: the run was trained with {trained_classes} "
+                f"classes and {config.data} now has {train_set.num_classes}"
+            )
         try:
             model.load_state_dict(state["model"])
-        except RuntimeError:
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[-1].strip() if str(exc).strip() else ""
             raise CheckpointError(
-                f"{run_dir / 'last.pt'} no longer fits its data: the run was trained with "
-                f"{state['config'].get('num_classes')} classes and {config.data} now has "
-                f"{train_set.num_classes}"
+                f"{last} does not fit the {config.model} its config names ({first[:200]})"
             ) from None
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, epoch_step = int(state["epoch"]), int(state["epoch_step"])
-        global_step = global_step_of(state)
-        best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
-        data_rng_state = state["data_rng"] if epoch_step else None
-        carried = dict(state.get("epoch_totals") or {})
-        history = [dict(r) for r in state.get("history") or []]
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        try:  # the rest was written by resunit itself; a damaged or crafted file gets one line
+            optimizer.load_state_dict(state["optimizer"])
+            start_epoch, epoch_step = int(state["epoch"]), int(state["epoch_step"])
+            global_step = global_step_of(state)
+            best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
+            data_rng_state = state["data_rng"] if epoch_step else None
+            if data_rng_state is not None:  # checked now, used at the start of its epoch
+                torch.Generator().set_state(data_rng_state)
+            carried = dict(state.get("epoch_totals") or {})
+            history = [dict(r) for r in state.get("history") or []]
+            torch.set_rng_state(state["torch_rng"])
+            if device.type == "cuda" and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{last} is not a resumable resunit checkpoint: its training state is damaged "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+            ) from None
 
     net: nn.Module = model
     if dist_info.enabled:
