@@ -497,8 +497,16 @@ def test_data_download_from_a_local_archive(tmp_path, capsys):
     assert main(args) == 0 and "already in" in capsys.readouterr().out
     bad = [*args[:-1], "f" * 32]
     assert main([*bad[:4], str(tmp_path / "other"), *bad[5:]]) == 2
-    assert "MD5" in _error_line(capsys)
+    assert "is not the archive that checksum names" in _error_line(capsys)
     assert not (tmp_path / "other").exists() or not any((tmp_path / "other").iterdir())
+    # md5sum prints lower case, some sites upper: both name the same archive.
+    upper = [*args[:4], str(tmp_path / "upper"), *args[5:-1], md5.upper()]
+    assert main(upper) == 0 and "now in" in capsys.readouterr().out
+    # Refused before any download: a checksum that is none, or one without the --url it checks.
+    assert main([*args[:-1], "12345"]) == 2
+    assert "must be 32 hexadecimal digits, got '12345'" in _error_line(capsys)
+    assert main([*args[:6], "--md5", md5]) == 2
+    assert "md5 (--md5) checks the archive at url (--url)" in _error_line(capsys)
 
 
 def test_data_download_goes_where_training_looks_by_default(tmp_path, capsys, monkeypatch):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import sys
 import tarfile
 import tempfile
@@ -652,6 +653,13 @@ def download_dataset(
     if name not in DOWNLOADS:
         raise DatasetError(f"cannot download {name!r}: choose one of {', '.join(DOWNLOADS)}")
     default_url, default_md5, folder_name = DOWNLOADS[name]
+    if md5 is not None:
+        if url is None:
+            # The official archive's checksum is known; replacing it would only hide corruption.
+            raise DatasetError("md5 (--md5) checks the archive at url (--url); give both or none")
+        if not isinstance(md5, str) or not re.fullmatch(r"[0-9a-fA-F]{32}", md5.strip()):
+            raise DatasetError(f"md5 (--md5) must be 32 hexadecimal digits, got {md5!r}")
+        md5 = md5.strip().lower()  # md5sum prints lower case; some sites print upper
     url, md5 = url or default_url, md5 or default_md5
     root = Path(root)
     target = root / folder_name
@@ -685,9 +693,14 @@ def _fetch_and_extract(
     except (OSError, ValueError) as exc:  # ValueError: not a URL at all
         raise DatasetError(f"download of {url} failed: {exc}") from None
     if digest.hexdigest() != md5:
+        official = url == DOWNLOADS[name][0]
         raise DatasetError(
             f"{url} has MD5 {digest.hexdigest()}, expected {md5}: "
-            "the download is corrupt; run the command again"
+            + (
+                "the download is corrupt; run the command again"
+                if official
+                else "the file there is not the archive that checksum names (or it is corrupt)"
+            )
         )
     extracted = tmp / "extracted"
     try:

@@ -438,7 +438,9 @@ def _register_data(subparsers: argparse._SubParsersAction) -> None:
         "looks when --data-root is not given)",
     )
     d.add_argument("--url", help="download from this URL (a mirror) instead of the official one")
-    d.add_argument("--md5", help="expected MD5 of the archive at --url")
+    d.add_argument(
+        "--md5", help="expected MD5 of the archive at --url (32 hex digits; only with --url)"
+    )
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(handler=run_download)
     # No subcommand is a usage error: the help goes to stderr, as every error does.
