@@ -89,6 +89,33 @@ def test_export_int8_reports_accuracy_before_and_after(checkpoint, tmp_path, cap
         assert result[key] == pytest.approx(share, abs=one_image * 1.01), key
 
 
+@needs_onnx
+def test_export_errors_name_the_file_asked_for_not_its_temporary_twin(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
+    def fails(path, *args, **kwargs):
+        raise deploy.DeployError(f"{path}: ONNX Runtime output differs from PyTorch")
+
+    monkeypatch.setattr(deploy, "verify_onnx", fails)
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--onnx", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"resunit: error: {out}: ONNX Runtime output differs from PyTorch\n"
+    assert list(tmp_path.iterdir()) == []  # and nothing is left beside it
+
+
+@needs_onnx
+def test_export_of_a_model_that_outputs_nan_says_so(checkpoint, tmp_path, capsys):
+    state = torch.load(checkpoint, weights_only=True)
+    state["model"]["fc.bias"][0] = float("nan")
+    broken = tmp_path / "nan.pt"
+    save_checkpoint(state, broken)
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--checkpoint", str(broken), "--onnx", str(out)]) == 2
+    assert "the model itself outputs NaN or infinity" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_export_data_root_without_int8_is_refused_rather_than_ignored(checkpoint, capsys):
     argv = ["export", "--checkpoint", str(checkpoint), "--onnx", "m.onnx", "--data-root", "d"]
     assert main(argv) == 2

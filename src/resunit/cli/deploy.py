@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from tqdm import tqdm
 from resunit.analysis import shape_text
 from resunit.atomic import atomic_path
 from resunit.cli.common import add_json_flag, comma_separated, format_table, print_json
-from resunit.errors import ConfigError
+from resunit.errors import ConfigError, ResunitError
 from resunit.outputs import prepare_output_file
 
 # What `--int8` calibrates on by default: 8 batches of 32 training images.
@@ -134,7 +136,7 @@ def run_export(args: argparse.Namespace) -> int:
     # Written beside `out` and renamed only once checked: a failed check leaves no file, and
     # an earlier good export at that path stays as it was. (Not outputs.atomic_output: it would
     # call any OSError in here, reading the int8 data included, a failure to write `out`.)
-    with atomic_path(out) as tmp:
+    with _atomic_export(out) as tmp:
         if not args.int8:
             deploy.export_onnx(model, tmp, input_shape, dynamic_batch=args.dynamic_batch)
             batch_sizes = (1, 3) if args.dynamic_batch else (1,)
@@ -359,6 +361,19 @@ def run_bench(args: argparse.Namespace) -> int:
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
     return 0
+
+
+@contextlib.contextmanager
+def _atomic_export(out: Path) -> Iterator[Path]:
+    """:func:`atomic_path` for ``out``, whose errors name ``out``, the file the user asked
+    for, rather than the temporary file beside it (``.model.onnx.x1y2.tmp``) the work is on."""
+    with atomic_path(out) as tmp:
+        try:
+            yield tmp
+        except ResunitError as exc:
+            if str(tmp) not in str(exc):
+                raise
+            raise type(exc)(str(exc).replace(str(tmp), str(out))) from None
 
 
 def _ratio(value: float | None) -> str:

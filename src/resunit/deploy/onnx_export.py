@@ -250,6 +250,12 @@ def verify_onnx(
         x = torch.randn(batch, *input_shape, generator=generator)
         with torch.no_grad():
             expected = reference(x.to(device=device, dtype=dtype)).cpu()
+        if not torch.isfinite(expected).all():
+            # Not the export's fault, and nothing a comparison could verify.
+            raise DeployError(
+                "the model itself outputs NaN or infinity on random inputs: its weights are "
+                "damaged or diverged; there is nothing trustworthy to export"
+            )
         actual = runner.run(x)
         difference = relative_difference(actual, expected)
         # max() would pass NaN over (max(0.0, nan) is 0.0): a non-finite output never matches.
