@@ -116,10 +116,21 @@ def test_export_of_a_model_that_outputs_nan_says_so(checkpoint, tmp_path, capsys
     assert not out.exists()
 
 
-def test_export_data_root_without_int8_is_refused_rather_than_ignored(checkpoint, capsys):
-    argv = ["export", "--checkpoint", str(checkpoint), "--onnx", "m.onnx", "--data-root", "d"]
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--data-root", "d"], "--data-root is for --int8"),
+        (["--calibration", "minmax"], "--calibration is for --int8"),
+        (["--calibration-batches", "0"], "--calibration-batches is for --int8"),
+        (["--calibration-batches", "2", "--data-root", "d"], "--calibration-batches, --data-root"),
+    ],
+)
+def test_export_int8_options_without_int8_are_refused_rather_than_ignored(
+    checkpoint, capsys, options, message
+):
+    argv = ["export", "--checkpoint", str(checkpoint), "--onnx", "m.onnx", *options]
     assert main(argv) == 2
-    assert "--data-root is for --int8" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_export_of_a_missing_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):

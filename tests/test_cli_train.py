@@ -218,6 +218,13 @@ def test_user_errors_are_one_line_and_exit_code_2(tmp_path, capsys, reference_ru
         (["train", "--data", "synthetic", "--data-option", "num_classes=0"], "num_classes"),
         (["train", "--data-option", "colour=3"], "takes no option"),
         (["train", "--cutout", "100"], "cutout 100 is larger than the 8×8 training images"),
+        (["train", "--nesterov", "--momentum", "0"], "nesterov needs momentum > 0"),
+        (["train", "--warmup-epochs", "3", "--epochs", "2"], "would last the whole run of 2"),
+        (["train", "--schedule", "cosine", "--gamma", "0.2"], "--gamma shapes the multistep"),
+        (
+            ["train", "--schedule", "constant", "--milestones", "0.5", "--gamma", "0.1"],
+            "--milestones and --gamma shape the multistep schedule; this run's is constant",
+        ),
         (["train", "--model-option", "dropuot=0.3"], "did you mean dropout"),
         (["train", "--model-option", "dropout"], "--model-option takes KEY=VALUE"),
         (["train", "--model-option", "dropout=0.3", "--model", "resnet50"], "no such place"),

@@ -217,6 +217,13 @@ def validate_config(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if config.nesterov and config.momentum == 0:
+        raise ConfigError("nesterov needs momentum > 0 (Nesterov's step is a momentum step)")
+    if config.steps is None and config.warmup_epochs >= config.epochs:
+        raise ConfigError(
+            f"warm-up of {config.warmup_epochs:g} epochs would last the whole run of "
+            f"{config.epochs}: shorten it or train longer"
+        )
     # The model's name and options, before any data is read: built on the meta device,
     # which allocates nothing and takes milliseconds.
     with torch.device("meta"):
@@ -284,7 +291,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
         groups,
         lr=config.lr,
         momentum=config.momentum,
-        nesterov=config.nesterov and config.momentum > 0,
+        nesterov=config.nesterov,
     )
 
 

@@ -52,7 +52,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--calibration-batches",
         type=int,
-        default=DEFAULT_CALIBRATION_BATCHES,
         metavar="N",
         help=f"int8: calibrate on N batches of {CALIBRATION_BATCH_SIZE} training images "
         f"(default {DEFAULT_CALIBRATION_BATCHES})",
@@ -65,7 +64,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--calibration",
         choices=("percentile", "minmax", "entropy"),
-        default="percentile",
         help="int8: how activation ranges are chosen (default percentile: 99.999%%)",
     )
     add_json_flag(export, instead_of="text")
@@ -114,10 +112,24 @@ def run_export(args: argparse.Namespace) -> int:
     from resunit import deploy
     from resunit.checkpoint import FEEDING_FIELDS, load_model
 
+    int8_only = [
+        flag
+        for flag, value in [
+            ("--calibration-batches", args.calibration_batches),
+            ("--calibration", args.calibration),
+            ("--data-root", args.data_root),
+        ]
+        if value is not None
+    ]
+    if int8_only and not args.int8:  # refused rather than ignored
+        verb = "is" if len(int8_only) == 1 else "are"
+        raise ConfigError(f"{', '.join(int8_only)} {verb} for --int8, which reads the run's images")
+    if args.calibration_batches is None:
+        args.calibration_batches = DEFAULT_CALIBRATION_BATCHES
+    if args.calibration is None:
+        args.calibration = "percentile"
     if args.calibration_batches < 1:
         raise ConfigError("--calibration-batches must be at least 1")
-    if args.data_root and not args.int8:
-        raise ConfigError("--data-root is for --int8, which reads the run's images")
     deploy.require_onnx()  # fail before any work when the extra is missing
     # int8 feeds it the run's images: calibration and the accuracy before and after.
     model, config = load_model(args.checkpoint, needs=FEEDING_FIELDS if args.int8 else ())

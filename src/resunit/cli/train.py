@@ -224,10 +224,17 @@ def run_train(args: argparse.Namespace) -> int:
             data_root=args.data_root,
         )
     else:
+        ignored = [f"--{n}" for n in ("milestones", "gamma") if getattr(args, n) is not None]
         options = {name: getattr(args, name) for name in _TRAIN_OPTIONS}
         options["data_options"] = _parse_key_values(args.data_options, "--data-option")
         options["model_overrides"] = _parse_key_values(args.model_options, "--model-option")
         config = make_config(args.recipe, **options)
+        if ignored and config.schedule != "multistep":
+            raise ConfigError(
+                f"{' and '.join(ignored)} {'shape' if len(ignored) > 1 else 'shapes'} the "
+                f"multistep schedule; this run's is "
+                f"{config.schedule} (add --schedule multistep, or drop them)"
+            )
         summary = train(config, progress=not args.no_progress and not args.json)
     if summary.get("is_main", True) is False:
         return 0
