@@ -192,9 +192,22 @@ def test_experiment_prints_table_and_verdict_then_report(tmp_path, capsys):
     assert '<section id="metrics">' in (out / "report.html").read_text()
 
 
+def test_a_registered_name_means_the_model_even_beside_a_file_of_that_name(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "resnet20").write_text("not a checkpoint")
+    assert main(["inspect", "resnet20", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "resnet20"
+    assert main(["inspect", "./resnet20"]) == 2  # the file, named as a path
+    one_error_line(capsys, "resnet20 is not a readable checkpoint")
+
+
 def test_experiment_and_report_user_errors(tmp_path, capsys):
     assert main(["experiment", "degradation", "--depths", "21", "--out", str(tmp_path)]) == 2
     one_error_line(capsys, "depth 21 has no plain/residual pair")
+    assert main(["experiment", "degradation", "--depths", "20", "56", "20"]) == 2
+    one_error_line(capsys, "depth 20 is given twice")
     assert main(["report", str(tmp_path / "nothing")]) == 2
     one_error_line(capsys, f"{tmp_path / 'nothing'} is not a directory")
     assert main(["report", str(tmp_path)]) == 2

@@ -200,6 +200,8 @@ def test_user_errors_are_one_line_and_exit_code_2(tmp_path, capsys, reference_ru
     assert "truncated or corrupt" in _error_line(capsys)
     assert main(["predict", "--checkpoint", str(reference_run / "best.pt"), "nope.png"]) == 2
     assert "nope.png" in _error_line(capsys)
+    assert main(["predict", "--checkpoint", str(reference_run / "best.pt"), str(tmp_path)]) == 2
+    assert f"{tmp_path} is a directory: give image files" in _error_line(capsys)
     assert (
         main(["predict", "--checkpoint", str(reference_run / "best.pt"), "--top-k", "0", "x.png"])
         == 2

@@ -400,6 +400,8 @@ def read_image(
                 array = _to_array(img, channels, size)
     except FileNotFoundError:
         raise DatasetError(f"image not found: {path}") from None
+    except IsADirectoryError:
+        raise DatasetError(f"{path} is a directory: give image files") from None
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         reason = str(exc).replace(f" {str(path)!r}", "")  # Pillow quotes the path: name it once
         raise DatasetError(f"cannot read image {path}: {reason}") from None

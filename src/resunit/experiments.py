@@ -79,6 +79,9 @@ class DegradationConfig:
         """The networks in training order: shallow to deep, plain before residual."""
         if not self.depths:
             raise ConfigError("give at least one depth (depths=, or --depths 20 56)")
+        repeated = sorted({d for d in self.depths if list(self.depths).count(d) > 1})
+        if repeated:
+            raise ConfigError(f"depth {repeated[0]} is given twice: each depth trains once")
         available = set(list_models())
         names = []
         for depth in sorted(set(self.depths)):

@@ -140,7 +140,9 @@ def _build_for_inspection(
     from resunit.checkpoint import load_model, read_checkpoint
     from resunit.models import create_model, list_models
 
-    if Path(name).suffix in (".pt", ".pth") or Path(name).is_file():
+    # A registered name means the model, even beside a file of that name (./resnet56 is the
+    # file); anything else that exists, or ends in .pt/.pth, is a checkpoint.
+    if name not in list_models() and (Path(name).suffix in (".pt", ".pth") or Path(name).is_file()):
         model, config = load_model(name)
         if shape is None:
             size = int(config.get("input_size") or 32)
@@ -303,7 +305,7 @@ def _register_experiment(subparsers: argparse._SubParsersAction) -> None:
         "side by side (He et al. 2015, Fig. 6) and prints a summary that says what the run "
         "shows. Rerun the same command to resume an interrupted experiment.",
     )
-    p.add_argument("name", choices=["degradation"], help="which experiment")
+    p.add_argument("name", choices=["degradation"], metavar="EXPERIMENT", help="degradation")
     p.add_argument(
         "--depths",
         type=int,
@@ -325,7 +327,7 @@ def _register_experiment(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, help="batch size (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0, help="seed of every network (default 0)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     p.add_argument(
         "--out", default="runs/degradation", help="experiment directory (default: runs/degradation)"
     )
@@ -393,7 +395,8 @@ def _register_report(subparsers: argparse._SubParsersAction) -> None:
         description="Write a single HTML file (plots embedded, no network access needed) for a "
         "training run directory or an experiment directory: configuration, curves, final "
         "metrics, the inspection table, and residual ratios and lesion results where "
-        "`resunit analyze` has written them.",
+        "`resunit analyze` has written them. A run that lacks its curves plot gets it drawn "
+        "into RUN_DIR first.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="directory of a run or an experiment")
     p.add_argument("--out", help="HTML file to write (default RUN_DIR/report.html)")

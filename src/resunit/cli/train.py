@@ -215,7 +215,8 @@ def run_train(args: argparse.Namespace) -> int:
                 "--" + n.replace("_", "-") for n in given + ["recipe"] * bool(args.recipe)
             )
             raise ConfigError(
-                f"--resume continues with the run's own settings (its config.json); drop {options}"
+                "--resume continues with the run's own settings (kept in its last.pt); "
+                f"drop {options}"
             )
         summary = train(
             TrainConfig(),
@@ -438,7 +439,9 @@ def _register_data(subparsers: argparse._SubParsersAction) -> None:
         "ROOT (an interrupted download leaves nothing behind). Does nothing if it is already "
         "there.",
     )
-    d.add_argument("name", choices=sorted(DOWNLOADS), help="dataset")
+    d.add_argument(
+        "name", choices=sorted(DOWNLOADS), metavar="DATASET", help=", ".join(sorted(DOWNLOADS))
+    )
     d.add_argument(
         "--root",
         help="directory to extract into (default: $RESUNIT_DATA, else data; where training "
