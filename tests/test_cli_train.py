@@ -219,6 +219,8 @@ def test_user_errors_are_one_line_and_exit_code_2(tmp_path, capsys, reference_ru
         (["train", "--device", "mps"], "unknown device"),
         (["train", "--data", "synthetic", "--data-option", "num_classes=0"], "num_classes"),
         (["train", "--data-option", "colour=3"], "takes no option"),
+        # The name is checked before the value: digits has no image_size to be wrong.
+        (["train", "--data-option", "image_size=abc"], "digits takes no option 'image_size'"),
         (["train", "--cutout", "100"], "cutout 100 is larger than the 8×8 training images"),
         (["train", "--nesterov", "--momentum", "0"], "nesterov needs momentum > 0"),
         (["train", "--warmup-epochs", "3", "--epochs", "2"], "would last the whole run of 2"),

@@ -16,7 +16,9 @@ Datasets:
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import os
 import pickle
 import re
@@ -136,17 +138,20 @@ def load_dataset(
         raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     val_fraction = float(options.pop("val_fraction", 0.0) or 0.0)
     val_seed = options.pop("val_seed", 0)
+    loader = _LOADERS[name]
+    # Names first, then values: a value of an option the dataset does not take means nothing.
+    accepted = [p for p in inspect.signature(loader).parameters if p not in ("split", "root")]
+    unknown = [key for key in options if key not in accepted]
+    if unknown:
+        takes = [*accepted, "val_seed"]  # val_seed: any dataset's, for carving validation
+        listed = (
+            f"its options are {', '.join(takes)}" if accepted else "its only option is val_seed"
+        )
+        raise DatasetError(f"{name} takes no option {unknown[0]!r} ({listed})")
     _check_integer_options(name, {**options, "val_seed": val_seed})
     if split == "val" and val_fraction <= 0:
         raise DatasetError(f"{name} has no validation split: set val_fraction > 0 to carve one")
-    loader = _LOADERS[name]
-    try:
-        base = loader("test" if split == "test" else "train", root, **options)
-    except TypeError as exc:
-        if "unexpected keyword argument" not in str(exc):
-            raise
-        unknown = str(exc).rsplit("argument", 1)[-1].strip()
-        raise DatasetError(f"{name} takes no option {unknown}") from None
+    base = loader("test" if split == "test" else "train", root, **options)
     if split == "test" or val_fraction <= 0:
         return base
     train_idx, val_idx = stratified_split(base.labels, val_fraction, val_seed)
@@ -553,8 +558,8 @@ def _read_image_folder(
 
 _LOADERS = {
     "digits": _load_digits,
-    "cifar10": lambda split, root, **kw: _load_cifar("cifar10", split, root, **kw),
-    "cifar100": lambda split, root, **kw: _load_cifar("cifar100", split, root, **kw),
+    "cifar10": functools.partial(_load_cifar, "cifar10"),
+    "cifar100": functools.partial(_load_cifar, "cifar100"),
     "imagefolder": _load_imagefolder,
     "synthetic": _load_synthetic,
 }
