@@ -1123,5 +1123,12 @@ def test_verify_onnx_never_passes_non_finite_outputs(tmp_path):
     path = deploy.export_onnx(model, tmp_path / "m.onnx", (3, 32, 32))
     with torch.no_grad():
         model.fc.weight.fill_(float("nan"))  # PyTorch's output is NaN, ONNX Runtime's is not
-    with pytest.raises(DeployError, match="not trustworthy"):
+    with pytest.raises(DeployError, match="the model itself outputs NaN or infinity"):
         deploy.verify_onnx(path, model, (3, 32, 32), batch_sizes=(1,))
+    # The other way round: a file whose output is NaN never matches a finite model.
+    broken = _model("resnet20")
+    with torch.no_grad():
+        broken.fc.weight.fill_(float("nan"))
+    nan_file = deploy.export_onnx(broken, tmp_path / "nan.onnx", (3, 32, 32))
+    with pytest.raises(DeployError, match="not trustworthy"):
+        deploy.verify_onnx(nan_file, _model("resnet20"), (3, 32, 32), batch_sizes=(1,))

@@ -219,11 +219,6 @@ def validate_config(config: TrainConfig) -> None:
             raise ConfigError(message)
     if config.nesterov and config.momentum == 0:
         raise ConfigError("nesterov needs momentum > 0 (Nesterov's step is a momentum step)")
-    if config.steps is None and config.warmup_epochs >= config.epochs:
-        raise ConfigError(
-            f"warm-up of {config.warmup_epochs:g} epochs would last the whole run of "
-            f"{config.epochs}: shorten it or train longer"
-        )
     # The model's name and options, before any data is read: built on the meta device,
     # which allocates nothing and takes milliseconds.
     with torch.device("meta"):
