@@ -219,6 +219,7 @@ def test_user_errors_are_one_line_and_exit_code_2(tmp_path, capsys, reference_ru
         (["train", "--device", "mps"], "unknown device"),
         (["train", "--data", "synthetic", "--data-option", "num_classes=0"], "num_classes"),
         (["train", "--data-option", "colour=3"], "takes no option"),
+        (["train", "--data-root", "data"], "digits is built in and reads no files"),
         # The name is checked before the value: digits has no image_size to be wrong.
         (["train", "--data-option", "image_size=abc"], "digits takes no option 'image_size'"),
         (["train", "--cutout", "100"], "cutout 100 is larger than the 8×8 training images"),

@@ -425,6 +425,12 @@ def test_synthetic_data_is_seeded_and_learnable():
     assert (nearest == a.labels).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("name", ["digits", "synthetic"])
+def test_a_data_root_for_a_built_in_dataset_is_refused_rather_than_ignored(name, tmp_path):
+    with pytest.raises(DatasetError, match=f"{name} is built in and reads no files"):
+        load_dataset(name, "train", tmp_path)
+
+
 def test_unknown_dataset_and_split_are_user_errors():
     with pytest.raises(DatasetError, match="choose one of"):
         load_dataset("mnist")

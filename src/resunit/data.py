@@ -136,6 +136,9 @@ def load_dataset(
         raise DatasetError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    if root is not None and name in ("digits", "synthetic"):
+        # Refused rather than ignored: the user meant some files, and none will be read.
+        raise DatasetError(f"{name} is built in and reads no files: drop data_root (--data-root)")
     val_fraction = float(options.pop("val_fraction", 0.0) or 0.0)
     val_seed = options.pop("val_seed", 0)
     loader = _LOADERS[name]
