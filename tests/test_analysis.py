@@ -491,7 +491,7 @@ def test_removing_a_zero_initialised_unit_changes_nothing(digits_test):
                 torch.testing.assert_close(model(x), intact, rtol=0, atol=0)
 
 
-def test_removing_a_trained_unit_changes_the_logits():
+def test_removing_a_unit_whose_residual_is_not_zero_changes_the_logits():
     # The converse of the test above: where F(x) ≠ 0 the lesion must show.
     torch.manual_seed(0)
     model = create_model("resnet20", num_classes=10, in_chans=1).eval()
@@ -531,6 +531,18 @@ def test_counterparts_pair_residual_and_plain():
         "plain": "plain56",
     }
     assert counterparts("resnet18")["plain"][2] == {"shortcut": "none"}
+    # Options that zero residual branches stay with the residual version: without shortcuts
+    # they would zero the network (and are refused), so the plain baseline is the paper's.
+    options = {"zero_init_residual": True, "drop_path_rate": 0.1, "in_chans": 1}
+    pair = counterparts("resnet20", **options)
+    assert pair["residual"][2] == options
+    assert pair["plain"][2] == {"in_chans": 1, "shortcut": "none"}
+
+
+def test_gradient_flow_of_a_zero_initialised_network_has_a_live_plain_twin(digits_batch):
+    labels = torch.arange(len(digits_batch)) % 10
+    result = gradient_flow("resnet20", digits_batch, labels, zero_init_residual=True)
+    assert all(row["grad_norm"] > 0 for row in result["plain"] if row["layer"] != "fc")
 
 
 def test_gradient_norms_match_autograd_in_float64(digits_test, digits_batch):

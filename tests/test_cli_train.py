@@ -230,6 +230,7 @@ def test_user_errors_are_one_line_and_exit_code_2(tmp_path, capsys, reference_ru
             "--milestones and --gamma shape the multistep schedule; this run's is constant",
         ),
         (["train", "--model-option", "dropuot=0.3"], "did you mean dropout"),
+        (["train", "--model-option", "num_classes=5"], "num_classes comes from the data"),
         (["train", "--model-option", "dropout"], "--model-option takes KEY=VALUE"),
         (["train", "--model-option", "dropout=0.3", "--model", "resnet50"], "no such place"),
         (["train", "--model-option", "zero_init_residual=yes"], "must be True or False"),

@@ -109,6 +109,22 @@ def test_folded_model_matches_eval_mode_original(name, overrides):
         assert relative_difference(fold_batchnorm(model64)(x64), model64(x64)) <= 1e-12
 
 
+def test_a_pre_activation_imagenet_stem_folds_its_bn_like_any_stem():
+    # conv1 → bn1 → ReLU → max-pool: the stem BN follows a conv, so it folds (a warning used
+    # to say it was left unfolded).
+    torch.manual_seed(0)
+    model = _with_trained_statistics(
+        ResNet("preact_bottleneck", [1, 1], widths=(8, 16), stem="imagenet")
+    ).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "left N BatchNorm layer(s) unfolded"
+        folded = fold_batchnorm(model)
+    assert not isinstance(folded.bn1, nn.BatchNorm2d)
+    with torch.no_grad():
+        assert relative_difference(folded(x), model(x)) <= 1e-5
+
+
 @pytest.mark.parametrize("name", ["resnet18", "resnet20", "plain20"])
 def test_post_activation_models_keep_no_batchnorm(name):
     folded = fold_batchnorm(_model(name))

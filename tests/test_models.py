@@ -432,6 +432,32 @@ def test_preact_first_unit_after_a_bare_conv_shares_its_activation_with_the_shor
             torch.testing.assert_close(unit.shortcut(x), expected - residual)
 
 
+def test_a_custom_pre_activation_unit_without_the_option_still_builds():
+    # A unit written against PreActUnit before input_activation existed sets its own BN.
+    from resunit.blocks import PreActUnit, conv3x3
+
+    class OneConvUnit(PreActUnit):
+        def __init__(self, in_channels, planes, stride=1, shortcut="auto", groups=1,
+                     base_width=64, drop_path=0.0):  # fmt: skip
+            super().__init__(in_channels, planes, stride, shortcut, drop_path)
+            self.bn1 = nn.BatchNorm2d(in_channels)
+            self.conv1 = conv3x3(in_channels, planes, stride)
+            self._attach_shortcut()
+
+        def residual_from_preactivated(self, out):
+            return self.conv1(out)
+
+    model = ResNet(OneConvUnit, [1, 1], widths=(8, 16), stem="cifar", num_classes=3).eval()
+    assert model.layer1[0].input_activation == "residual"
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert model(x).shape == (2, 3)
+        unit, stem = model.layer1[0], model.forward_stem(x)
+        # Its own placement, as before: the identity shortcut carries the raw input.
+        assert unit.downsample is None
+        torch.testing.assert_close(unit(stem), unit.conv1(torch.relu(unit.bn1(stem))) + stem)
+
+
 @pytest.mark.parametrize("option", [{"zero_init_residual": True}, {"drop_path_rate": 0.1}])
 def test_options_that_zero_residuals_are_refused_for_plain_networks(option):
     # A plain unit is its residual: zeroing it zeroes the network's features and gradients.

@@ -22,6 +22,7 @@ from resunit.train import (
     RECIPES,
     TrainConfig,
     learning_rate,
+    load_run_data,
     make_config,
     make_optimizer,
     read_metrics,
@@ -29,6 +30,19 @@ from resunit.train import (
     train,
     weights_digest,
 )
+
+# --- the data a checkpoint was trained on -------------------------------------------------
+
+
+def test_a_run_s_data_root_goes_with_its_own_dataset_only(tmp_path):
+    # A CIFAR run evaluated on another dataset: its recorded root is CIFAR's, not the other's.
+    config = {"data": "cifar10", "data_root": str(tmp_path), "num_classes": 10, "in_chans": 3,
+              "input_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}  # fmt: skip
+    synthetic = load_run_data(config, "test", "synthetic")
+    assert (synthetic.num_classes, synthetic.in_chans) == (10, 3)
+    with pytest.raises(DatasetError, match=tmp_path.name):  # its own: the recorded root is used
+        load_run_data(config, "test")
+
 
 # --- schedule and optimiser ---------------------------------------------------------------
 

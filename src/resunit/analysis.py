@@ -569,7 +569,9 @@ def counterparts(model_name: str, **overrides: Any) -> dict[str, tuple[str, str,
     """
     shortcut = overrides.get("shortcut", get_model_spec(model_name).kwargs.get("shortcut"))
     if normalize_shortcut_kind(shortcut or "auto") != "none":
-        plain = {**overrides, "shortcut": "none"}
+        # Options that zero residual branches have no meaning (and are refused) without shortcuts.
+        dropped = ("shortcut", "zero_init_residual", "drop_path_rate")
+        plain = {**{k: v for k, v in overrides.items() if k not in dropped}, "shortcut": "none"}
         return {
             "residual": (model_name, model_name, overrides),
             "plain": (f"{model_name} without shortcuts", model_name, plain),

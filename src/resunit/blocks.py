@@ -382,6 +382,8 @@ class PreActUnit(ResidualUnit):
     """
 
     preactivation = True
+    # The default for subclasses written before the option existed (they set bn1 themselves).
+    input_activation = "residual"
 
     def _init_input_activation(self, input_activation: str) -> None:
         if input_activation not in INPUT_ACTIVATIONS:

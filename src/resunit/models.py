@@ -165,6 +165,8 @@ class ResNet(nn.Module):
         if stem == "imagenet":
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
+        # A custom pre-activation unit without the option keeps its own BN-ReLU placement.
+        takes_input_activation = "input_activation" in inspect.signature(block_cls).parameters
         total_units = sum(layers)
         unit_index = 0
         channels = stem_width
@@ -175,7 +177,7 @@ class ResNet(nn.Module):
                 stride = 2 if stage > 0 and i == 0 else 1
                 rate = drop_path_rate * unit_index / max(total_units - 1, 1)
                 options: dict[str, Any] = {"dropout": dropout} if dropout else {}
-                if self.preactivation and unit_index == 0:
+                if self.preactivation and unit_index == 0 and takes_input_activation:
                     options["input_activation"] = "none" if stem == "imagenet" else "shared"
                 unit = block_cls(
                     channels,

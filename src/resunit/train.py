@@ -219,6 +219,12 @@ def validate_config(config: TrainConfig) -> None:
             raise ConfigError(message)
     if config.nesterov and config.momentum == 0:
         raise ConfigError("nesterov needs momentum > 0 (Nesterov's step is a momentum step)")
+    from_data = [key for key in ("num_classes", "in_chans") if key in config.model_overrides]
+    if from_data:
+        raise ConfigError(
+            f"model option {from_data[0]} comes from the data (its classes and channels), "
+            "not from the model options"
+        )
     # The model's name and options, before any data is read: built on the meta device,
     # which allocates nothing and takes milliseconds.
     with torch.device("meta"):
@@ -286,7 +292,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
         groups,
         lr=config.lr,
         momentum=config.momentum,
-        nesterov=config.nesterov,
+        nesterov=config.nesterov and config.momentum > 0,  # a run saved before the check
     )
 
 
@@ -499,8 +505,10 @@ def load_run_data(
             "the checkpoint does not record its dataset: name one (data=, or --data)"
         )
     require_config_fields(config, FEEDING_FIELDS)
-    recorded_root = root is None and config.get("data_root")
-    root = root or config.get("data_root")
+    # The run's own data root, only for the run's own dataset (not for --data another one).
+    recorded = config.get("data_root") if data == config.get("data") else None
+    recorded_root = root is None and recorded
+    root = root or recorded
     options: dict[str, Any] = {}
     if data == config.get("data"):
         options = {**(config.get("data_options") or {}), "val_fraction": config.get("val_fraction")}

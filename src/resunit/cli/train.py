@@ -101,7 +101,8 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         dest="model_options",
         help="model option, repeatable: shortcut=A|B|C (the paper's options), "
         "zero_init_residual=true (Goyal et al.), drop_path_rate=0.1 (stochastic depth), "
-        "dropout=0.3 (Wide ResNets), or any other argument of resunit.ResNet",
+        "dropout=0.3 (Wide ResNets), or another single-valued argument of resunit.ResNet "
+        "(num_classes and in_chans come from the data)",
     )
     g.add_argument(
         "--data-option",

@@ -138,7 +138,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     folded = copy.deepcopy(model).eval()
     count = 0
     for module in list(folded.modules()):
-        if isinstance(module, ResNet) and not module.preactivation:
+        if isinstance(module, ResNet) and getattr(module, "bn1", None) is not None:
+            # Every stem BN follows conv1, the ImageNet stem of a pre-activation net's too.
             count += _fold_pairs(module, [("conv1", "bn1")])
         count += _fold_pairs(module, _conv_bn_pairs(module))
         if isinstance(module, nn.Sequential):
