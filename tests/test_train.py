@@ -565,16 +565,14 @@ def _flag_worker(
 ) -> None:
     import torch.distributed as dist
 
-    from resunit.train import Distributed, _agree_on_step, _InterruptFlag, _stop_requested
+    from resunit.distributed import Distributed, agree_on_step, stop_requested
 
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
     try:
         info = Distributed(rank=rank, world_size=2, local_rank=rank)
         cpu = torch.device("cpu")
-        interrupt = _InterruptFlag()
-        interrupt.raised = interrupts[rank]
-        agreed = _agree_on_step(values[rank], interrupt, info, cpu)
-        results[rank] = (*agreed, _stop_requested(interrupt, info, cpu))
+        agreed = agree_on_step(values[rank], interrupts[rank], info, cpu)
+        results[rank] = (*agreed, stop_requested(interrupts[rank], info, cpu))
     finally:
         dist.destroy_process_group()
 
@@ -607,7 +605,7 @@ def test_per_step_collectives_use_tensors_on_the_training_device(monkeypatch):
     # NCCL (the backend on CUDA) reduces CUDA tensors only, and this machine may have no GPU:
     # the meta device stands in for "not the CPU", and the fake all_reduce records where each
     # flag lives before any value is needed.
-    from resunit.train import Distributed, _agree_on_step, _InterruptFlag, _stop_requested
+    from resunit.distributed import Distributed, agree_on_step, stop_requested
 
     devices = []
 
@@ -619,12 +617,12 @@ def test_per_step_collectives_use_tensors_on_the_training_device(monkeypatch):
     two_ranks = Distributed(rank=0, world_size=2)
     meta = torch.device("meta")
     with pytest.raises(_Reduced):
-        _agree_on_step(1.0, _InterruptFlag(), two_ranks, meta)
+        agree_on_step(1.0, False, two_ranks, meta)
     with pytest.raises(_Reduced):
-        _stop_requested(_InterruptFlag(), two_ranks, meta)
+        stop_requested(False, two_ranks, meta)
     assert devices == [meta, meta]
     # Alone, no collective is called at all.
-    assert _agree_on_step(1.0, _InterruptFlag(), Distributed(), meta) == (True, False)
-    assert _agree_on_step(math.nan, _InterruptFlag(), Distributed(), meta) == (False, False)
-    assert _stop_requested(_InterruptFlag(), Distributed(), meta) is False
+    assert agree_on_step(1.0, False, Distributed(), meta) == (True, False)
+    assert agree_on_step(math.nan, True, Distributed(), meta) == (False, True)
+    assert stop_requested(False, Distributed(), meta) is False
     assert len(devices) == 2

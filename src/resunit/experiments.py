@@ -40,15 +40,14 @@ from resunit.outputs import (
 )
 from resunit.train import (
     LOWER_LR_HINT,
-    TrainConfig,
     check_cutout,
     checkpoint_config,
     learning_rate,
-    make_config,
     make_optimizer,
     resolve_device,
     restore_torch_threads,
 )
+from resunit.train_config import TrainConfig, make_config
 
 DEGRADATION_FORMAT = "resunit-degradation-1"
 # Differences in final training error below half a percentage point (7 of the 1,437 digits)

@@ -1,11 +1,12 @@
-"""Training: the loop, its optimiser and schedule, checkpoints and DDP — plain PyTorch.
+"""Training: the loop, its optimiser and schedule, and checkpoints — plain PyTorch.
 
-The whole job in view: :class:`TrainConfig` holds every hyper-parameter (recipes are named
-presets of it), :func:`train` runs epochs over in-memory uint8 tensors with batched
-augmentation, writes ``metrics.jsonl``, ``last.pt``/``best.pt`` and ``curves.png`` into the
-run directory, and resumes bitwise-exactly from ``last.pt``. All randomness of an epoch comes
-from a generator seeded by (seed, epoch) whose state is checkpointed, so a resumed run replays
-exactly what the uninterrupted one would have done.
+The whole job in view: :func:`train` runs the epochs a :class:`~resunit.train_config.TrainConfig`
+describes over in-memory uint8 tensors with batched augmentation, checkpoints ``last.pt`` and
+``best.pt`` into the run directory (:mod:`resunit.run_dir` writes the rest) and resumes
+bitwise-exactly from ``last.pt``; under torchrun every rank runs it (:mod:`resunit.distributed`).
+All randomness of an epoch comes from a generator seeded by (seed, epoch) whose state is
+checkpointed, so a resumed run replays exactly what the uninterrupted one would have done.
+The config, the recipes and the distributed helpers are importable from here too.
 """
 
 from __future__ import annotations
@@ -13,21 +14,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import numbers
 import os
 import signal
 import threading
 import time
-import types
-import typing
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from resunit.checkpoint import (
     FEEDING_FIELDS,
@@ -37,243 +34,33 @@ from resunit.checkpoint import (
     save_checkpoint,
 )
 from resunit.data import ImageDataset, augment, default_data_root, load_dataset
+from resunit.distributed import (
+    Distributed,
+    agree_on_step,
+    broadcast_buffers,
+    setup_distributed,
+    shard_indices,
+    stop_requested,
+)
 from resunit.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from resunit.evaluation import evaluate, prepare_batch, top1_agreement  # also from here
 from resunit.models import create_model
-from resunit.outputs import (
-    CHOOSE_ANOTHER_OUT,
-    check_output_location,
-    folders_removed_on_failure,
-    json_text,
-    prepare_output_dir,
-    read_jsonl,
-    refuse_directories_where_files_go,
-    write_json,
-    write_jsonl,
+from resunit.outputs import CHOOSE_ANOTHER_OUT, folders_removed_on_failure, prepare_output_dir
+from resunit.run_dir import (
+    RunWriter,
+    check_run_dir,
+    new_run_dir,
+    read_metrics,
+    run_files_removed_if_no_checkpoint,
+)
+from resunit.train_config import (
+    RECIPES,
+    TrainConfig,
+    make_config,
+    validate_config,
 )
 
-SCHEDULES = ("multistep", "cosine", "onecycle", "constant")
 CHECKPOINT_FORMAT = "resunit-train-1"
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; ``config.json`` in the run directory is this, as JSON."""
-
-    model: str = "resnet20"
-    data: str = "digits"
-    data_root: str | None = None
-    data_options: dict[str, Any] = field(default_factory=dict)  # e.g. image_size, on_error
-    recipe: str | None = None
-    epochs: int = 30
-    steps: int | None = None  # total iterations; when set, overrides epochs (papers count these)
-    batch_size: int = 64  # per process, as in torchvision's references
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4  # not applied to BN parameters and biases
-    schedule: str = "multistep"
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of training
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    crop_padding: int = 0
-    flip: bool = False
-    cutout: int = 0
-    val_fraction: float = 0.0
-    input_size: int | None = None  # resize batches to this (None: the dataset's own size)
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    bf16: bool = False
-    channels_last: bool = False
-    compile: bool = False
-    device: str = "auto"
-    # CPU threads for torch while train() runs (None or 0: leave torch's setting as it is).
-    threads: int | None = None
-    seed: int = 0
-    eval_batch_size: int = 500
-    tensorboard: bool = False
-    out: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The options as plain JSON types (numpy scalars become Python numbers)."""
-        return {key: _plain(value) for key, value in asdict(self).items()}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, os.PathLike):  # out=Path("runs/x") is as good as a string
-        return os.fspath(value)
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-# Named presets. Explicit options win over a recipe; a recipe wins over the defaults above.
-RECIPES: dict[str, dict[str, Any]] = {
-    # The default data: real 8×8 digits. Small translations only — flipping a digit changes
-    # its meaning. No label smoothing or cutout: they are not needed to reach 99%+ here.
-    "fast": dict(
-        model="resnet20",
-        epochs=40,  # 30 epochs: 99.26% mean of 3 seeds; 40: 99.54% (both ≈ 30 s here)
-        batch_size=64,
-        lr=0.1,
-        weight_decay=5e-4,
-        schedule="multistep",
-        milestones=[0.5, 0.75],
-        crop_padding=1,
-        flip=False,
-        # 8×8 maps are too small to split across threads: one thread is as fast when the
-        # machine is idle and several times faster when another job holds the other core.
-        threads=1,
-    ),
-    # He et al. 2015 §4.2: batch 128, lr 0.1 ÷10 at 32k and 48k iterations, stop at 64k,
-    # weight decay 1e-4, momentum 0.9, 4-pixel pad + random crop + flip, 45k/5k train/val.
-    "he2015": dict(
-        model="resnet20",
-        data="cifar10",
-        steps=64_000,
-        batch_size=128,
-        lr=0.1,
-        momentum=0.9,
-        nesterov=False,
-        weight_decay=1e-4,
-        schedule="multistep",
-        milestones=[0.5, 0.75],
-        gamma=0.1,
-        warmup_epochs=0.0,
-        crop_padding=4,
-        flip=True,
-        val_fraction=0.1,
-    ),
-}
-DEFAULT_RECIPE = {"digits": "fast", "cifar10": "he2015", "cifar100": "he2015"}
-
-
-def make_config(recipe: str | None = None, **options: Any) -> TrainConfig:
-    """A :class:`TrainConfig` from a recipe (default: the data's own) plus explicit options.
-
-    ``None`` values in ``options`` mean "not given" so a CLI can pass all its arguments.
-    """
-    options = {k: _plain(v) for k, v in options.items() if v is not None}
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigError(f"unknown training option(s): {', '.join(unknown)}")
-    data = options.get("data", "digits")
-    recipe = recipe or DEFAULT_RECIPE.get(data)
-    preset: dict[str, Any] = {}
-    if recipe is not None:
-        if recipe not in RECIPES:
-            raise ConfigError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
-        preset = dict(RECIPES[recipe])
-    if "data" in options and "data" in preset and preset["data"] != options["data"]:
-        preset.pop("data")  # e.g. he2015 on cifar100: keep the schedule, use the asked data
-    if "epochs" in options and "steps" not in options:
-        # The user's length beats the recipe's: he2015 counts steps (64k), which would
-        # otherwise outrank an explicit --epochs and train for hours instead of one epoch.
-        preset.pop("steps", None)
-    config = TrainConfig(**{**preset, **options, "recipe": recipe})
-    validate_config(config)
-    return config
-
-
-def validate_config(config: TrainConfig) -> None:
-    """Reject impossible values with one clear message each."""
-    _check_option_types(config)
-    if config.schedule not in SCHEDULES:
-        raise ConfigError(f"unknown schedule {config.schedule!r}: choose {', '.join(SCHEDULES)}")
-    checks = [
-        (config.epochs >= 1, f"epochs must be ≥ 1, got {config.epochs}"),
-        (config.steps is None or config.steps >= 1, f"steps must be ≥ 1, got {config.steps}"),
-        (config.batch_size >= 1, f"batch size must be ≥ 1, got {config.batch_size}"),
-        (config.lr > 0 and math.isfinite(config.lr), f"lr must be > 0, got {config.lr}"),
-        (config.weight_decay >= 0, f"weight decay must be ≥ 0, got {config.weight_decay}"),
-        (0 <= config.momentum < 1, f"momentum must be in [0, 1), got {config.momentum}"),
-        (
-            config.gamma > 0 and math.isfinite(config.gamma),
-            f"gamma must be > 0, got {config.gamma}",
-        ),
-        (
-            0 <= config.warmup_epochs < math.inf,
-            f"warm-up epochs must be ≥ 0, got {config.warmup_epochs}",
-        ),
-        (
-            config.threads is None or config.threads >= 0,
-            f"threads must be ≥ 1 (or 0 for torch's default), got {config.threads}",
-        ),
-        (
-            config.input_size is None or config.input_size >= 1,
-            f"input size must be ≥ 1, got {config.input_size}",
-        ),
-        (config.eval_batch_size >= 1, f"eval batch size must be ≥ 1, got {config.eval_batch_size}"),
-        (0 <= config.label_smoothing < 1, "label smoothing must be in [0, 1)"),
-        (0 <= config.val_fraction < 1, "val fraction must be in [0, 1)"),
-        (config.crop_padding >= 0 and config.cutout >= 0, "crop padding and cutout must be ≥ 0"),
-        (all(0 < m < 1 for m in config.milestones), "milestones are fractions in (0, 1)"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    if config.nesterov and config.momentum == 0:
-        raise ConfigError("nesterov needs momentum > 0 (Nesterov's step is a momentum step)")
-    from_data = [key for key in ("num_classes", "in_chans") if key in config.model_overrides]
-    if from_data:
-        raise ConfigError(
-            f"model option {from_data[0]} comes from the data (its classes and channels), "
-            "not from the model options"
-        )
-    # The model's name and options, before any data is read: built on the meta device,
-    # which allocates nothing and takes milliseconds.
-    with torch.device("meta"):
-        create_model(config.model, **config.model_overrides)
-
-
-def _check_option_types(config: TrainConfig) -> None:
-    # Python callers can pass anything; a float epoch count would otherwise train one epoch and
-    # then fail inside range(), leaving a run that can be neither resumed nor restarted.
-    hints = typing.get_type_hints(TrainConfig)
-    for option in fields(TrainConfig):
-        value, expected = getattr(config, option.name), hints[option.name]
-        if not _has_type(value, expected):
-            raise ConfigError(
-                f"training option {option.name} must be {_type_words(expected)}, got {value!r}"
-            )
-
-
-def _has_type(value: Any, expected: Any) -> bool:
-    if typing.get_origin(expected) in (typing.Union, types.UnionType):
-        return any(_has_type(value, option) for option in typing.get_args(expected))
-    if expected is type(None):
-        return value is None
-    if expected is bool:
-        return isinstance(value, (bool, np.bool_))
-    if expected is int:  # numbers.Integral takes numpy's integers; a bool is no count
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if expected is float:
-        return isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if expected is str:
-        return isinstance(value, (str, os.PathLike))
-    origin = typing.get_origin(expected)
-    if origin is list:
-        (item,) = typing.get_args(expected)
-        return isinstance(value, (list, tuple)) and all(_has_type(v, item) for v in value)
-    if origin is dict:
-        return isinstance(value, dict)
-    return True  # Any
-
-
-def _type_words(expected: Any) -> str:
-    if typing.get_origin(expected) in (typing.Union, types.UnionType):
-        return " or ".join(_type_words(option) for option in typing.get_args(expected))
-    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    if expected is type(None):
-        return "None"
-    if typing.get_origin(expected) is list:
-        return "a list of numbers"
-    return words.get(expected, "a dict")
 
 
 # --- optimiser and schedule ---------------------------------------------------------------
@@ -315,56 +102,6 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int, steps_per_ep
         passed = sum(step >= round(m * total_steps) for m in config.milestones)
         return config.lr * config.gamma**passed
     return config.lr
-
-
-# --- distributed --------------------------------------------------------------------------
-
-
-@dataclass
-class Distributed:
-    """Where this process stands in a ``torchrun`` job (rank 0 of 1 when run alone)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: torch.device) -> Distributed:
-    """Join the process group that ``torchrun`` describes in the environment (gloo on CPU,
-    NCCL on CUDA); a plain single process needs nothing."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return Distributed()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def shard_indices(n: int, generator: torch.Generator, rank: int, world_size: int) -> Tensor:
-    """This rank's part of a fresh permutation of ``range(n)``: disjoint across ranks, all of
-    equal length (the remainder is dropped so every rank takes the same number of steps)."""
-    perm = torch.randperm(n, generator=generator)
-    usable = n - n % world_size
-    return perm[:usable][rank::world_size]
-
-
-def _broadcast_buffers(model: nn.Module) -> None:
-    # DDP syncs buffers at the start of each forward, so after the last step of an epoch the
-    # BN running statistics differ by rank; rank 0's become everyone's before eval and save.
-    import torch.distributed as dist
-
-    for buffer in model.buffers():
-        dist.broadcast(buffer, src=0)
 
 
 # --- training -----------------------------------------------------------------------------
@@ -432,43 +169,6 @@ class _InterruptFlag:
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
-
-
-def _new_run_dir(config: TrainConfig) -> Path:
-    if config.out:
-        return Path(config.out)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{config.data}-{config.model}-{stamp}"
-
-
-# What a run writes into its directory (see _RunWriter and the checkpoints in _run).
-RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "summary.json")
-# What a run writes before its first checkpoint; without one they describe no run.
-_BEFORE_CHECKPOINT = ("config.json", "metrics.jsonl", "curves.png")
-
-
-def _check_run_dir(run_dir: Path, config: TrainConfig, resuming: bool) -> None:
-    """Refuse, before any work and without creating anything, a run directory whose files
-    could never be written, or one that holds an experiment (both write ``summary.json``)."""
-    check_output_location(run_dir, "--out", kind="directory")
-    if (run_dir / "experiment.json").exists():
-        what = "it cannot be resumed as a training run" if resuming else CHOOSE_ANOTHER_OUT
-        raise ConfigError(
-            f"{run_dir} holds an experiment (experiment.json, from `resunit experiment`): {what}"
-        )
-    # A run's first files without its checkpoint: another run's, which a new one would
-    # overwrite (and the cleanup of a failed start, below, delete).
-    leftovers = [name for name in _BEFORE_CHECKPOINT if (run_dir / name).is_file()]
-    if leftovers and not resuming:
-        raise ConfigError(
-            f"{run_dir} holds {', '.join(leftovers)} of another run: "
-            f"remove them or {CHOOSE_ANOTHER_OUT}"
-        )
-    fix = "remove it to resume" if resuming else f"remove it or {CHOOSE_ANOTHER_OUT}"
-    refuse_directories_where_files_go((run_dir / name for name in RUN_FILES), "the run", fix)
-    board = run_dir / "tensorboard"
-    if config.tensorboard and board.exists() and not board.is_dir():
-        raise ConfigError(f"{board} is a file where --tensorboard writes its logs; {fix}")
 
 
 def load_data(config: TrainConfig) -> tuple[ImageDataset, ImageDataset | None, ImageDataset]:
@@ -661,39 +361,21 @@ def _train(
             config.data_root = str(data_root)
     else:
         validate_config(config)
-        run_dir = _new_run_dir(config)
+        run_dir = new_run_dir(config)
         if (run_dir / "last.pt").exists():
             raise ConfigError(
                 f"{run_dir} already holds a run: continue it (resume=, or --resume {run_dir}) or "
                 + CHOOSE_ANOTHER_OUT
             )
-    _check_run_dir(run_dir, config, resuming=state is not None)
+    check_run_dir(run_dir, config, resuming=state is not None)
     # Created (and write-tested) here, by every process before they group under torchrun, so
     # that a place that takes no files stops them all at once: were rank 0 alone to find out
     # later, the other ranks would wait for it in their first collective. A run that fails
     # removes the folders it made, where then empty (a TensorBoard log keeps them).
     with folders_removed_on_failure(run_dir):
         prepare_output_dir(run_dir)  # RUN_FILES as directories: refused just above
-        with _run_files_removed_if_no_checkpoint(run_dir):
+        with run_files_removed_if_no_checkpoint(run_dir):
             return _run(config, state, run_dir, progress)
-
-
-@contextlib.contextmanager
-def _run_files_removed_if_no_checkpoint(run_dir: Path) -> Iterator[None]:
-    """A run that fails before its first checkpoint (bad data, a loss gone to NaN in the first
-    epoch) removes the files it began with, which `report` would show as a run that never
-    was. They can only be this run's: a new run refuses a directory that already holds them."""
-    try:
-        yield
-    except BaseException:
-        # Only the main process writes them; under torchrun another rank's failure must not
-        # delete what rank 0 has written while it goes on to its first checkpoint.
-        is_main = int(os.environ.get("RANK", "0")) == 0
-        if is_main and not (run_dir / "last.pt").exists():
-            for name in _BEFORE_CHECKPOINT:
-                with contextlib.suppress(OSError):
-                    (run_dir / name).unlink()
-        raise
 
 
 def _run(
@@ -789,7 +471,7 @@ def _run(
         net = torch.compile(net)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
-    writer = _RunWriter(run_dir, model_config, config, enabled=dist_info.is_main)
+    writer = RunWriter(run_dir, model_config, config, enabled=dist_info.is_main)
     if state is not None:
         writer.rewrite_metrics(history)
     images_all = train_set.images.to(device)
@@ -855,7 +537,7 @@ def _run(
                     logits = net(x)
                     loss = criterion(logits.float(), labels)
                 loss_value = loss.item()
-                finite, stop = _agree_on_step(loss_value, interrupt, dist_info, device)
+                finite, stop = agree_on_step(loss_value, interrupt.raised, dist_info, device)
                 if not finite:
                     raise TrainingError(
                         _non_finite_message(loss_value, global_step + 1, epoch, run_dir)
@@ -884,7 +566,7 @@ def _run(
                     totals["seconds"] += time.perf_counter() - tick
                     bar.close()
                     if dist_info.enabled:
-                        _broadcast_buffers(model)
+                        broadcast_buffers(model)
                     if dist_info.is_main:
                         save_checkpoint(
                             checkpoint_payload(epoch, step + 1, rng, totals), run_dir / "last.pt"
@@ -896,7 +578,7 @@ def _run(
             bar.close()
             totals["seconds"] += time.perf_counter() - tick
             if dist_info.enabled:
-                _broadcast_buffers(model)
+                broadcast_buffers(model)
             images_per_second = (
                 totals["count"] * dist_info.world_size / max(totals["seconds"], 1e-9)
             )
@@ -940,7 +622,7 @@ def _run(
                 if progress:
                     per_epoch = (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
                     writer.echo(record, epochs, per_epoch * (epochs - epoch - 1))
-            if _stop_requested(interrupt, dist_info, device) and epoch + 1 < epochs:
+            if stop_requested(interrupt.raised, dist_info, device) and epoch + 1 < epochs:
                 interrupted = True
                 break
 
@@ -994,24 +676,6 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _agree_on_step(
-    loss: float, interrupt: _InterruptFlag, dist_info: Distributed, device: torch.device
-) -> tuple[bool, bool]:
-    """Whether ``loss`` is finite on every rank, and whether any rank saw Ctrl-C.
-
-    All ranks must stop at the same step, or those still training wait forever in DDP's next
-    all-reduce. Both questions travel in one collective per step (not one each): across
-    machines a collective's latency is paid every step. The flags live on the training device,
-    as NCCL requires (see :func:`_stop_requested`).
-    """
-    if not dist_info.enabled:
-        return math.isfinite(loss), interrupt.raised
-    flags = torch.tensor([float(not math.isfinite(loss)), float(interrupt.raised)], device=device)
-    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)  # any rank's
-    diverged, stop = flags.tolist()
-    return not diverged, bool(stop)
-
-
 # What to try after a diverged loss, for library and CLI users alike.
 LOWER_LR_HINT = "try a lower learning rate: lr=, or --lr"
 
@@ -1022,19 +686,6 @@ def _non_finite_message(loss: float, step: int, epoch: int, run_dir: Path) -> st
     if (run_dir / "last.pt").exists():
         return f"{where}, last good checkpoint kept in {run_dir / 'last.pt'} ({LOWER_LR_HINT})"
     return f"{where} before its first checkpoint ({LOWER_LR_HINT})"
-
-
-def _stop_requested(
-    interrupt: _InterruptFlag, dist_info: Distributed, device: torch.device
-) -> bool:
-    """Whether any rank saw Ctrl-C (all ranks must stop at the same epoch's end)."""
-    if not dist_info.enabled:
-        return interrupt.raised
-    # On the training device: NCCL, the backend on CUDA, reduces only CUDA tensors (a CPU one
-    # fails), while gloo takes the CPU ones.
-    flag = torch.tensor([float(interrupt.raised)], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # any rank's
-    return bool(flag.item())
 
 
 def _progress(total: int, initial: int, epoch: int, epochs: int, enabled: bool) -> Any:
@@ -1049,83 +700,6 @@ def _progress(total: int, initial: int, epoch: int, epochs: int, enabled: bool) 
         leave=False,
         dynamic_ncols=True,
     )
-
-
-def _tensorboard_writer_class() -> Any:
-    # Checked before the run directory is created, so the error leaves nothing behind.
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # asked for by name: say so rather than log nothing
-        raise ConfigError(
-            "--tensorboard needs the tensorboard package: pip install tensorboard"
-        ) from None
-    return SummaryWriter
-
-
-class _RunWriter:
-    """The run directory's files: config.json, metrics.jsonl, curves.png, TensorBoard."""
-
-    def __init__(
-        self, run_dir: Path, model_config: dict[str, Any], config: TrainConfig, enabled: bool
-    ) -> None:
-        self.run_dir, self.enabled, self.tb = run_dir, enabled, None
-        self.last_plot = -math.inf
-        if not enabled:
-            return
-        summary_writer = _tensorboard_writer_class() if config.tensorboard else None
-        write_json(run_dir / "config.json", model_config)
-        if summary_writer is not None:
-            self.tb = summary_writer(str(run_dir / "tensorboard"))
-
-    def rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
-        """On resume: metrics.jsonl becomes exactly the checkpoint's epochs (a crash may have
-        come after a metrics line and before its checkpoint, or the other way round)."""
-        if not self.enabled:
-            return
-        write_jsonl(self.run_dir / "metrics.jsonl", history)
-
-    def log(self, record: dict[str, Any], final: bool = False) -> None:
-        with (self.run_dir / "metrics.jsonl").open("a") as f:
-            f.write(json_text(record) + "\n")
-            f.flush()
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "epoch" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, record["epoch"])
-            self.tb.flush()
-        # Redrawing costs ~0.1 s: at the end, and at most twice a minute along the way.
-        if final or time.monotonic() - self.last_plot > 30:
-            self.plot()
-
-    def plot(self) -> None:
-        try:
-            from resunit.plots import plot_training_curves
-        except ImportError:  # matplotlib is optional ([plot] extra)
-            return
-        with contextlib.suppress(ImportError):
-            plot_training_curves(read_metrics(self.run_dir), self.run_dir / "curves.png")
-        self.last_plot = time.monotonic()
-
-    def echo(self, record: dict[str, Any], epochs: int, eta_seconds: float) -> None:
-        from tqdm import tqdm
-
-        text = (
-            f"epoch {record['epoch']:>3}/{epochs}  loss {record['train_loss']:.4f}  "
-            f"acc {record['train_accuracy']:.2%}  lr {record['lr']:.4g}  "
-            f"{record['images_per_second']:,.0f} img/s"
-        )
-        if "val_accuracy" in record:
-            text += f"  val acc {record['val_accuracy']:.2%}"
-        if record["epoch"] < epochs:
-            text += f"  ETA {int(eta_seconds) // 60}:{int(eta_seconds) % 60:02d}"
-        tqdm.write(text)
-
-    def finish(self, summary: dict[str, Any]) -> None:
-        write_json(self.run_dir / "summary.json", summary)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 @torch.no_grad()
@@ -1159,11 +733,6 @@ def predict_files(
         }
         for n, path in enumerate(paths)
     ]
-
-
-def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The per-epoch records of a run (``metrics.jsonl``); [] before the first epoch."""
-    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 __all__ = [

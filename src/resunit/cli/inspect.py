@@ -12,7 +12,7 @@ from resunit.blocks import SHORTCUT_KINDS
 from resunit.cli.common import add_json_flag, format_table, print_json
 from resunit.data import DATASETS
 from resunit.errors import ConfigError
-from resunit.train import RECIPES
+from resunit.train_config import RECIPES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from resunit.cli.common import add_json_flag, format_table, print_json
 from resunit.data import DATASETS, DOWNLOADS, download_dataset
 from resunit.errors import ConfigError
-from resunit.train import RECIPES, SCHEDULES, TrainConfig, make_config
+from resunit.train_config import RECIPES, SCHEDULES, TrainConfig, make_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
