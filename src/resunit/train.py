@@ -19,12 +19,12 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from resunit.checkpoint import (
     FEEDING_FIELDS,
@@ -378,6 +378,74 @@ def _train(
             return _run(config, state, run_dir, progress)
 
 
+@dataclass
+class ResumePoint:
+    """Where a run continues from: the defaults are a fresh run's start."""
+
+    epoch: int = 0
+    epoch_step: int = 0  # steps already taken in ``epoch`` (0: at its start)
+    global_step: int = 0
+    best_score: float = -1.0
+    best_epoch: int = -1
+    data_rng: Tensor | None = None  # the epoch's data generator state, when mid-epoch
+    epoch_totals: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _resume_point(
+    state: dict[str, Any],
+    run_dir: Path,
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_set: ImageDataset,
+    total_steps: int,
+    device: torch.device,
+) -> ResumePoint:
+    """Load ``last.pt``'s weights, optimiser and random state into the run, and say where it
+    continues; a finished run, other data, another model or a damaged state is one line."""
+    if global_step_of(state) >= total_steps:
+        raise ConfigError(f"{run_dir} has finished its {total_steps} steps: nothing to resume")
+    last = run_dir / "last.pt"
+    trained_classes = state["config"].get("num_classes")
+    if trained_classes != train_set.num_classes:
+        raise CheckpointError(
+            f"{last} no longer fits its data: the run was trained with {trained_classes} "
+            f"classes and {config.data} now has {train_set.num_classes}"
+        )
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[-1].strip() if str(exc).strip() else ""
+        raise CheckpointError(
+            f"{last} does not fit the {config.model} its config names ({first[:200]})"
+        ) from None
+    try:  # the rest was written by resunit itself; a damaged or crafted file gets one line
+        optimizer.load_state_dict(state["optimizer"])
+        epoch_step = int(state["epoch_step"])
+        point = ResumePoint(
+            epoch=int(state["epoch"]),
+            epoch_step=epoch_step,
+            global_step=global_step_of(state),
+            best_score=float(state["best_score"]),
+            best_epoch=int(state["best_epoch"]),
+            data_rng=state["data_rng"] if epoch_step else None,
+            epoch_totals=dict(state.get("epoch_totals") or {}),
+            history=[dict(r) for r in state.get("history") or []],
+        )
+        if point.data_rng is not None:  # checked now, used at the start of its epoch
+            torch.Generator().set_state(point.data_rng)
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{last} is not a resumable resunit checkpoint: its training state is damaged "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+        ) from None
+    return point
+
+
 def _run(
     config: TrainConfig, state: dict[str, Any] | None, run_dir: Path, progress: bool
 ) -> dict[str, Any]:
@@ -421,46 +489,14 @@ def _run(
     total_steps = config.steps or config.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
 
-    start_epoch, epoch_step, global_step = 0, 0, 0
-    best_score, best_epoch = -1.0, -1
-    data_rng_state = None
-    carried: dict[str, float] = {}
-    history: list[dict[str, Any]] = []
+    point = ResumePoint()  # a fresh run
     if state is not None:
-        if global_step_of(state) >= total_steps:
-            raise ConfigError(f"{run_dir} has finished its {total_steps} steps: nothing to resume")
-        last = run_dir / "last.pt"
-        trained_classes = state["config"].get("num_classes")
-        if trained_classes != train_set.num_classes:
-            raise CheckpointError(
-                f"{last} no longer fits its data: the run was trained with {trained_classes} "
-                f"classes and {config.data} now has {train_set.num_classes}"
-            )
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[-1].strip() if str(exc).strip() else ""
-            raise CheckpointError(
-                f"{last} does not fit the {config.model} its config names ({first[:200]})"
-            ) from None
-        try:  # the rest was written by resunit itself; a damaged or crafted file gets one line
-            optimizer.load_state_dict(state["optimizer"])
-            start_epoch, epoch_step = int(state["epoch"]), int(state["epoch_step"])
-            global_step = global_step_of(state)
-            best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
-            data_rng_state = state["data_rng"] if epoch_step else None
-            if data_rng_state is not None:  # checked now, used at the start of its epoch
-                torch.Generator().set_state(data_rng_state)
-            carried = dict(state.get("epoch_totals") or {})
-            history = [dict(r) for r in state.get("history") or []]
-            torch.set_rng_state(state["torch_rng"])
-            if device.type == "cuda" and state.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(state["cuda_rng"], device)
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(
-                f"{last} is not a resumable resunit checkpoint: its training state is damaged "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
-            ) from None
+        point = _resume_point(
+            state, run_dir, config, model, optimizer, train_set, total_steps, device
+        )
+    start_epoch, epoch_step, global_step = point.epoch, point.epoch_step, point.global_step
+    best_score, best_epoch = point.best_score, point.best_epoch
+    data_rng_state, carried, history = point.data_rng, point.epoch_totals, point.history
 
     net: nn.Module = model
     if dist_info.enabled:
@@ -739,6 +775,7 @@ __all__ = [
     "LOWER_LR_HINT",
     "RECIPES",
     "Distributed",
+    "ResumePoint",
     "TrainConfig",
     "check_cutout",
     "checkpoint_config",
