@@ -537,6 +537,31 @@ def test_compare_variants_reports_each_output_difference():
     assert differences["eager"] == 0.0 and 0 < differences["folded"] <= 1e-5
 
 
+@needs_onnx
+def test_onnx_runtime_variants_share_one_file_per_build_and_each_build_its_own():
+    # Both thread settings of one build run the same file (equal outputs, one spinning);
+    # a second build of another model never runs the first one's file.
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    calibration = [torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))]
+    names = ["onnxruntime", "onnxruntime_spin", "int8", "int8_spin"]
+    for classes in (10, 3):
+        model = _model("resnet20", num_classes=classes)
+        variants, skipped = deploy.build_variants(
+            model, (3, 16, 16), names, calibration_batches=calibration
+        )
+        assert skipped == {}
+        out = {name: variants[name].run(x) for name in names}
+        assert [variants[n].spinning for n in names] == [False, True, False, True]
+        assert torch.equal(out["onnxruntime"], out["onnxruntime_spin"])
+        assert torch.equal(out["int8"], out["int8_spin"])
+        with torch.no_grad():
+            reference = model(x)
+        assert out["onnxruntime"].shape == (2, classes)
+        assert relative_difference(out["onnxruntime"], reference) <= 1e-5
+        assert relative_difference(out["int8"], reference) <= 0.1  # int8, not another model
+        del variants
+
+
 _FAULTS_PER_ALLOCATION = """
 import json, resource, sys, torch
 from resunit import deploy

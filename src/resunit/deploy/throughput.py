@@ -10,9 +10,11 @@ import copy
 import math
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +54,7 @@ VARIANTS = (
     "onnxruntime",
     "onnxruntime_spin",
     "int8",
+    "int8_spin",
     "int8_pt2e",
 )
 # What `resunit bench` compares by default: every float32 way of running the model.
@@ -65,6 +68,7 @@ VARIANT_DESCRIPTIONS = {
     "onnxruntime": "ONNX Runtime float32 on the exported folded graph",
     "onnxruntime_spin": "the same, worker threads spinning between ops (ORT's default)",
     "int8": "ONNX Runtime int8 (static, per-channel, QDQ)",
+    "int8_spin": "the same int8 file, worker threads spinning (ORT's default)",
     "int8_pt2e": "PyTorch int8: PT2E X86 Inductor quantizer + torch.compile (torchao)",
 }
 
@@ -96,46 +100,54 @@ def build_variants(
             spinning = openmp_threads_spin()
         variants[name] = Variant(name, VARIANT_DESCRIPTIONS[name], run, spinning=spinning)
 
-    for name in names:
-        if name == "eager":
-            add(name, _no_grad(eager))
-        elif name == "folded":
-            add(name, optimize(eager, channels_last=False))
-        elif name == "folded_cl":
-            add(name, optimize(eager, channels_last=True))
-        elif name == "compiled":
-            works, why = compile_works()
-            if works:
-                add(name, optimize(eager, channels_last=True, compile=True))
-            else:
-                skipped[name] = f"torch.compile does not work here ({why})"
-        elif name == "onednn_graph":
-            works, why = onednn_graph_works()
-            if works:
-                add(name, optimize(eager, channels_last=True, compile="onednn_graph"))
-            else:
-                skipped[name] = f"oneDNN Graph fusion does not work here ({why})"
-        elif name in ("onnxruntime", "onnxruntime_spin", "int8"):
-            if not onnx_available():
-                skipped[name] = "the [onnx] extra is not installed"
-            elif name.startswith("onnxruntime"):
-                path = _scratch_dir() / f"bench-{id(eager)}.onnx"
-                if not path.exists():
-                    export_onnx(eager, path, input_shape, dynamic_batch=True)
-                spin = name == "onnxruntime_spin"
-                add(name, OnnxRuntimeModel(path, threads, spin=spin), spinning=spin)
-            elif calibration_batches is None:
-                skipped[name] = "no calibration batches given"
-            else:
-                path = _scratch_dir() / f"bench-{id(eager)}.int8.onnx"
-                add(name, quantize(eager, calibration_batches, path, threads=threads), False)
-        elif name == "int8_pt2e":
-            if not pt2e_available():
-                skipped[name] = "torchao is not installed"
-            elif calibration_batches is None:
-                skipped[name] = "no calibration batches given"
-            else:
-                add(name, quantize_pt2e(eager, calibration_batches))
+    # This call's ONNX files, shared by both thread settings. ONNX Runtime reads a file when
+    # its session starts, so the folder goes when the variants are built. (Named after
+    # id(model) they were not this call's: a freed model's id comes back with the next one.)
+    with tempfile.TemporaryDirectory(dir=_scratch_dir(), prefix="bench-") as folder:
+        files = Path(folder)
+        for name in names:
+            if name == "eager":
+                add(name, _no_grad(eager))
+            elif name == "folded":
+                add(name, optimize(eager, channels_last=False))
+            elif name == "folded_cl":
+                add(name, optimize(eager, channels_last=True))
+            elif name == "compiled":
+                works, why = compile_works()
+                if works:
+                    add(name, optimize(eager, channels_last=True, compile=True))
+                else:
+                    skipped[name] = f"torch.compile does not work here ({why})"
+            elif name == "onednn_graph":
+                works, why = onednn_graph_works()
+                if works:
+                    add(name, optimize(eager, channels_last=True, compile="onednn_graph"))
+                else:
+                    skipped[name] = f"oneDNN Graph fusion does not work here ({why})"
+            elif name in ("onnxruntime", "onnxruntime_spin", "int8", "int8_spin"):
+                # One file per model for both thread settings: float32 exported, int8 quantized.
+                spin = name.endswith("_spin")
+                if not onnx_available():
+                    skipped[name] = "the [onnx] extra is not installed"
+                elif name.startswith("onnxruntime"):
+                    path = files / "model.onnx"
+                    if not path.exists():
+                        export_onnx(eager, path, input_shape, dynamic_batch=True)
+                    add(name, OnnxRuntimeModel(path, threads, spin=spin), spinning=spin)
+                elif calibration_batches is None:
+                    skipped[name] = "no calibration batches given"
+                else:
+                    path = files / "model.int8.onnx"
+                    if not path.exists():
+                        quantize(eager, calibration_batches, path, threads=threads)
+                    add(name, OnnxRuntimeModel(path, threads, spin=spin), spinning=spin)
+            elif name == "int8_pt2e":
+                if not pt2e_available():
+                    skipped[name] = "torchao is not installed"
+                elif calibration_batches is None:
+                    skipped[name] = "no calibration batches given"
+                else:
+                    add(name, quantize_pt2e(eager, calibration_batches))
     return variants, skipped
 
 
