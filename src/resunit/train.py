@@ -47,6 +47,7 @@ from resunit.evaluation import evaluate, prepare_batch, top1_agreement  # also f
 from resunit.models import create_model
 from resunit.outputs import CHOOSE_ANOTHER_OUT, folders_removed_on_failure, prepare_output_dir
 from resunit.run_dir import (
+    RUN_FILES,
     RunWriter,
     check_run_dir,
     new_run_dir,
@@ -54,7 +55,9 @@ from resunit.run_dir import (
     run_files_removed_if_no_checkpoint,
 )
 from resunit.train_config import (
+    DEFAULT_RECIPE,
     RECIPES,
+    SCHEDULES,
     TrainConfig,
     make_config,
     validate_config,
@@ -772,8 +775,11 @@ def predict_files(
 
 
 __all__ = [
+    "DEFAULT_RECIPE",
     "LOWER_LR_HINT",
     "RECIPES",
+    "RUN_FILES",
+    "SCHEDULES",
     "Distributed",
     "ResumePoint",
     "TrainConfig",

@@ -138,8 +138,11 @@ def build_variants(
                     skipped[name] = "no calibration batches given"
                 else:
                     path = files / "model.int8.onnx"
-                    if not path.exists():
-                        quantize(eager, calibration_batches, path, threads=threads)
+                    if not path.exists():  # quantize's own session is the non-spinning one
+                        quantized = quantize(eager, calibration_batches, path, threads=threads)
+                        if not spin:
+                            add(name, quantized, spinning=False)
+                            continue
                     add(name, OnnxRuntimeModel(path, threads, spin=spin), spinning=spin)
             elif name == "int8_pt2e":
                 if not pt2e_available():
