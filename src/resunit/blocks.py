@@ -165,8 +165,6 @@ class ResidualUnit(nn.Module):
 
     expansion: ClassVar[int] = 1
     preactivation: ClassVar[bool] = False
-    # Whether the unit has a place for dropout between its convolutions (Wide ResNets).
-    supports_dropout: ClassVar[bool] = False
 
     def __init__(
         self, in_channels: int, out_channels: int, stride: int, shortcut: str, drop_path: float
@@ -254,7 +252,6 @@ class BasicBlock(ResidualUnit):
     """
 
     expansion = 1
-    supports_dropout = True
 
     def __init__(
         self,
@@ -432,7 +429,6 @@ class PreActBasicBlock(PreActUnit):
     Wide ResNets; ``dropout`` drops activations before the second convolution in training."""
 
     expansion = 1
-    supports_dropout = True
 
     def __init__(
         self,

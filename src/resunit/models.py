@@ -130,7 +130,10 @@ class ResNet(nn.Module):
         # Checked here, not per unit, so the message names this argument and its own value.
         drop_path_rate = require_fraction("drop_path_rate", drop_path_rate)
         dropout = require_fraction("dropout", dropout)
-        if dropout and not block_cls.supports_dropout:
+        # What the unit class takes beyond the common arguments: dropout (basic units) and
+        # input_activation (pre-activation units; a custom one without it keeps its own).
+        unit_options = inspect.signature(block_cls).parameters
+        if dropout and "dropout" not in unit_options:
             raise ConfigError(
                 f"dropout sits between the two 3×3 convolutions of a basic unit (Wide ResNets); "
                 f"{block_cls.__name__} units have no such place"
@@ -165,8 +168,6 @@ class ResNet(nn.Module):
         if stem == "imagenet":
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
-        # A custom pre-activation unit without the option keeps its own BN-ReLU placement.
-        takes_input_activation = "input_activation" in inspect.signature(block_cls).parameters
         total_units = sum(layers)
         unit_index = 0
         channels = stem_width
@@ -177,7 +178,7 @@ class ResNet(nn.Module):
                 stride = 2 if stage > 0 and i == 0 else 1
                 rate = drop_path_rate * unit_index / max(total_units - 1, 1)
                 options: dict[str, Any] = {"dropout": dropout} if dropout else {}
-                if self.preactivation and unit_index == 0 and takes_input_activation:
+                if self.preactivation and unit_index == 0 and "input_activation" in unit_options:
                     options["input_activation"] = "none" if stem == "imagenet" else "shared"
                 unit = block_cls(
                     channels,
