@@ -142,13 +142,14 @@ def _build_for_inspection(
 
     # A registered name means the model, even beside a file of that name (./resnet56 is the
     # file); anything else that exists, or ends in .pt/.pth, is a checkpoint.
-    if name not in list_models() and (Path(name).suffix in (".pt", ".pth") or Path(name).is_file()):
+    registered = name in list_models()
+    if not registered and (Path(name).suffix in (".pt", ".pth") or Path(name).is_file()):
         model, config = load_model(name)
         if shape is None:
             size = int(config.get("input_size") or 32)
             shape = (model.in_chans, size, size)
         return model, shape, f"{config['model']} ({name})"
-    if name not in list_models() and Path(name).is_dir():  # a run directory, most likely
+    if not registered and Path(name).is_dir():  # a run directory, most likely
         read_checkpoint(name)  # refuses a directory, naming the checkpoint file to give instead
     # Built on the meta device: no memory and no time, even for resnet1202 or wrn_28_10.
     with torch.device("meta"):
