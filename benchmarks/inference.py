@@ -50,7 +50,7 @@ from resunit.models import create_model, default_input_shape
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_MODELS = ("resnet18", "resnet50", "resnet20")  # each at its own input size
 # Ours; "best float32" is the fastest of them.
-FLOAT_VARIANTS = ("folded", "folded_cl", "compiled", "onednn_graph")
+FLOAT_VARIANTS = ("folded", "folded_cl", "compiled", "onednn_graph", "onednn_plan")
 # The peer: ONNX Runtime float32, with and without spinning threads; the faster is the reference.
 ORT_VARIANTS = ("onnxruntime", "onnxruntime_spin")
 

@@ -740,7 +740,9 @@ def test_onednn_graph_traces_a_bounded_number_of_shapes_and_runs_later_ones_eage
     model = _model("resnet20")
     fast = optimize(model, channels_last=True, compile="onednn_graph")
     x = _input("resnet20", batch=3)
-    with pytest.warns(UserWarning, match="traced 2 input shapes and thread counts") as caught:
+    with pytest.warns(
+        UserWarning, match="built 2 graphs for input shapes and thread counts"
+    ) as caught:
         for size in (1, 2, 3, 1, 3):
             out = fast(x[:size])  # outside no_grad: the model runs without autograd anyway
             assert not out.requires_grad
@@ -845,7 +847,7 @@ def test_onednn_graph_neither_measures_nor_waits_once_no_trace_place_is_left(mon
     held.wait(10)
     outputs = []
     try:
-        with pytest.warns(UserWarning, match="traced 1 input shapes"):
+        with pytest.warns(UserWarning, match="built 1 graphs for input shapes"):
             caller = threading.Thread(target=lambda: outputs.append(fast(x)))
             caller.start()
             caller.join(20)
@@ -865,7 +867,7 @@ def test_onednn_graph_warning_points_at_the_caller_when_pieces_run_eagerly(monke
     per_image = cache_pieces.unit_working_set(model, x[:1])
     monkeypatch.setattr(cache_pieces, "last_level_cache_bytes", lambda: 3 * per_image)
     fast = optimize(model, channels_last=True, compile="onednn_graph")
-    with pytest.warns(UserWarning, match="traced 1 input shapes") as caught:
+    with pytest.warns(UserWarning, match="built 1 graphs for input shapes") as caught:
         out = fast(x)  # pieces 3, 3, 3, 2, 2: the 3 takes the place, the 2s run eagerly
     assert caught[0].filename == __file__
     with torch.no_grad():

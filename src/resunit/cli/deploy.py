@@ -96,10 +96,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     bench.add_argument(
         "--variants",
-        default="eager,folded,folded_cl,compiled,onednn_graph,onnxruntime,onnxruntime_spin",
+        default="eager,folded,folded_cl,compiled,onednn_graph,onednn_plan,onnxruntime,"
+        "onnxruntime_spin",
         help="comma-separated subset of eager, folded, folded_cl, compiled, onednn_graph, "
-        "onnxruntime, onnxruntime_spin (ONNX Runtime with its threads spinning between "
-        "layers, its own default; default: all)",
+        "onednn_plan, onnxruntime, onnxruntime_spin (ONNX Runtime with its threads spinning "
+        "between layers, its own default; default: all)",
     )
     add_json_flag(bench)
     bench.set_defaults(handler=run_bench)

@@ -33,6 +33,7 @@ from resunit.deploy.inference import (
     MAX_ONEDNN_GRAPHS,
     InferenceModel,
     OneDnnGraphModel,
+    OneDnnPlanModel,
     compile_works,
     onednn_graph_works,
     optimize,
@@ -44,6 +45,7 @@ from resunit.deploy.int8 import (
     quantize,
     quantize_pt2e,
 )
+from resunit.deploy.onednn_plan import OneDnnPlan, onednn_plan_works
 from resunit.deploy.onnx_export import (
     ONNX_INPUT_NAME,
     ONNX_OPSET,
@@ -86,6 +88,8 @@ __all__ = [
     "DeployError",
     "InferenceModel",
     "OneDnnGraphModel",
+    "OneDnnPlan",
+    "OneDnnPlanModel",
     "OnnxCheck",
     "OnnxRuntimeModel",
     "PairedRatio",
@@ -104,6 +108,7 @@ __all__ = [
     "last_level_cache_bytes",
     "measure_interleaved",
     "onednn_graph_works",
+    "onednn_plan_works",
     "onnx_available",
     "onnxruntime_session",
     "openmp_threads_spin",

@@ -23,6 +23,7 @@ from resunit.blocks import PadShortcut
 from resunit.deploy.cache_pieces import SPLIT_FROM_CACHES, cache_sized_batch
 from resunit.deploy.folding import fold_batchnorm, relative_difference
 from resunit.deploy.module_surgery import replace_modules
+from resunit.deploy.onednn_plan import OneDnnPlan, check_plan_supported
 from resunit.errors import ConfigError, first_line
 from resunit.models import ResNet, dtype_and_device
 
@@ -198,7 +199,7 @@ def _inductor_patch(config: dict[str, Any]) -> contextlib.AbstractContextManager
 COMPILE_OPTIONS: dict[str, Any] = {"freezing": True, "cpp_wrapper": True}
 
 
-COMPILERS = ("inductor", "onednn_graph")
+COMPILERS = ("inductor", "onednn_graph", "onednn_plan")
 
 
 def optimize(
@@ -218,6 +219,9 @@ def optimize(
     - ``"onednn_graph"``: a frozen TorchScript trace run with oneDNN Graph fusion (see
       :class:`OneDnnGraphModel`). Far less framework overhead per layer: on 2 cores it was
       1.1-2.2× inductor at batch 1 and 1.0-1.1× at batch 32 (BENCHMARKS.md).
+    - ``"onednn_plan"``: the layers as oneDNN primitives called in a row from C, with no
+      framework between them (see :class:`OneDnnPlanModel`; needs the ``onednn`` extra and a
+      C++ compiler). Fastest where layers are small: ResNet-20 at batch 1.
 
     The original model is not modified; outputs match its eval-mode outputs to ~1e-6.
     """
@@ -225,9 +229,11 @@ def optimize(
     folded = fold_batchnorm(model)
     if channels_last:
         folded = folded.to(memory_format=torch.channels_last)
-    if compiler == "onednn_graph":
+    if compiler in ("onednn_graph", "onednn_plan"):
         # folded is already optimize's own copy: no second one.
         folded = _pad_shortcuts_as_convolutions_in_place(folded)
+        if compiler == "onednn_plan":
+            return OneDnnPlanModel(folded, channels_last).eval()
         return OneDnnGraphModel(folded, channels_last).eval()
     if compiler == "inductor":
         # dynamic=False: one specialised graph per batch size, as a deployment uses.
@@ -328,11 +334,12 @@ class OneDnnGraphModel(InferenceModel):
     # benchmarks/onednn_graph_choices.py).
     head_as_convolution: bool = True
     split_large_batches: bool = True
+    kind = "oneDNN Graph"  # for messages
 
     def __init__(self, model: nn.Module, channels_last: bool) -> None:
         super().__init__(model, channels_last)
         # (shape, strides, dtype, device, threads) → warm traced graph, in the order first seen.
-        self.graphs: dict[tuple[Any, ...], torch.jit.ScriptModule] = {}
+        self.graphs: dict[tuple[Any, ...], Callable[[Tensor], Tensor]] = {}
         # (image shape, dtype, device) → the largest batch run in one piece (None: any).
         self.piece_sizes: dict[tuple[Any, ...], int | None] = {}
         self._warned_untraced = False
@@ -390,30 +397,35 @@ class OneDnnGraphModel(InferenceModel):
                 return self.model(x)
             return graph(x)
 
-    def _trace(self, x: Tensor, key: tuple[Any, ...]) -> torch.jit.ScriptModule | None:
+    def _trace(self, x: Tensor, key: tuple[Any, ...]) -> Callable[[Tensor], Tensor] | None:
         with _FIRST_CALL_LOCK:
             graph = self.graphs.get(key)  # another thread may have traced it while we waited
             if graph is not None or len(self.graphs) >= MAX_ONEDNN_GRAPHS:
                 return graph
             self.model.eval()  # before anything runs it: BatchNorm must not update statistics
-            with _onednn_fusion():
-                model = self.model
-                if self.head_as_convolution:
-                    model = _head_as_convolution(model, x, self.channels_last)
-                graph = _trace_and_freeze(model, x)
-                # The profiling executor fuses after its profiled runs: do them now.
-                for _ in range(torch._C._jit_get_num_profiled_runs() + 1):
-                    graph(x)
+            graph = self._build(x)
             self.graphs[key] = graph
             return graph
+
+    def _build(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """The warm graph for inputs like ``x`` (the model is in eval mode)."""
+        with _onednn_fusion():
+            model = self.model
+            if self.head_as_convolution:
+                model = _head_as_convolution(model, x, self.channels_last)
+            graph = _trace_and_freeze(model, x)
+            # The profiling executor fuses after its profiled runs: do them now.
+            for _ in range(torch._C._jit_get_num_profiled_runs() + 1):
+                graph(x)
+        return graph
 
     def _warn_untraced(self) -> None:
         # Unlocked: two threads may both warn once; untraced calls never wait for a trace.
         if not self._warned_untraced:
             self._warned_untraced = True
             warnings.warn(
-                f"this oneDNN Graph model has traced {MAX_ONEDNN_GRAPHS} input shapes and thread "
-                "counts (MAX_ONEDNN_GRAPHS); further ones run the folded model unfused",
+                f"this {self.kind} model has built {MAX_ONEDNN_GRAPHS} graphs for input shapes "
+                "and thread counts (MAX_ONEDNN_GRAPHS); further ones run the folded model unfused",
                 # Points at the caller's line: here ← _run ← forward ← Module._call_impl ←
                 # Module._wrapped_call_impl ← the caller.
                 stacklevel=6,
@@ -423,6 +435,32 @@ class OneDnnGraphModel(InferenceModel):
 MAX_ONEDNN_GRAPHS = 8
 """How many (input shape, thread count) pairs one :class:`OneDnnGraphModel` traces; later
 ones run eagerly."""
+
+
+class OneDnnPlanModel(OneDnnGraphModel):
+    """A folded model run as a plan of oneDNN primitives per input shape and thread count.
+
+    The same bookkeeping as :class:`OneDnnGraphModel` (one plan per shape and thread count,
+    built on the first call and shared by threads; large batches in cache-sized pieces), but
+    instead of a TorchScript trace each shape gets a :class:`~resunit.deploy.OneDnnPlan`: the
+    layers' primitives created once and executed in a row from one C call, without PyTorch
+    between them. On 2 cores it ran ResNet-20 at batch 1 in ~200 µs against ~330 µs for the
+    oneDNN Graph trace (BENCHMARKS.md). One call at a time runs each plan (its buffers are
+    shared); calls from several threads take turns.
+
+    Inside, oneDNN picks its own (blocked) layouts; ``channels_last`` says which layout the
+    first convolution reads. NHWC made ResNet-50 at 224×224 10% faster at batch 1 (conversion
+    included: 17.5 against 19.6 ms) and cost ResNet-20 at 32×32 3% (211 against 203 µs).
+    """
+
+    kind = "oneDNN plan"
+
+    def __init__(self, model: nn.Module, channels_last: bool) -> None:
+        check_plan_supported(model)  # refuse now what the first call could not build
+        super().__init__(model, channels_last)
+
+    def _build(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        return OneDnnPlan(self.model, x)
 
 
 class _HeadAsConvolution(nn.Module):
@@ -564,6 +602,7 @@ __all__ = [
     "MAX_ONEDNN_GRAPHS",
     "InferenceModel",
     "OneDnnGraphModel",
+    "OneDnnPlanModel",
     "compile_works",
     "onednn_graph_works",
     "optimize",

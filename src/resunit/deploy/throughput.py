@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from resunit.deploy.folding import relative_difference
 from resunit.deploy.inference import compile_works, onednn_graph_works, optimize
 from resunit.deploy.int8 import pt2e_available, quantize, quantize_pt2e
+from resunit.deploy.onednn_plan import onednn_plan_works
 from resunit.deploy.onnx_export import (
     OnnxRuntimeModel,
     _scratch_dir,
@@ -51,6 +52,7 @@ VARIANTS = (
     "folded_cl",
     "compiled",
     "onednn_graph",
+    "onednn_plan",
     "onnxruntime",
     "onnxruntime_spin",
     "int8",
@@ -58,13 +60,14 @@ VARIANTS = (
     "int8_pt2e",
 )
 # What `resunit bench` compares by default: every float32 way of running the model.
-FLOAT32_VARIANTS = VARIANTS[:7]
+FLOAT32_VARIANTS = VARIANTS[:8]
 VARIANT_DESCRIPTIONS = {
     "eager": "PyTorch eager, NCHW float32, BatchNorm not folded",
     "folded": "BatchNorm folded into the convs, NCHW",
     "folded_cl": "BatchNorm folded, channels_last (NHWC)",
     "compiled": "folded + channels_last + torch.compile (freezing: fused conv+ReLU/add)",
     "onednn_graph": "folded + channels_last + TorchScript trace with oneDNN Graph fusion",
+    "onednn_plan": "folded + channels_last input, fused oneDNN primitives called in a row from C",
     "onnxruntime": "ONNX Runtime float32 on the exported folded graph",
     "onnxruntime_spin": "the same, worker threads spinning between ops (ORT's default)",
     "int8": "ONNX Runtime int8 (static, per-channel, QDQ)",
@@ -124,6 +127,12 @@ def build_variants(
                     add(name, optimize(eager, channels_last=True, compile="onednn_graph"))
                 else:
                     skipped[name] = f"oneDNN Graph fusion does not work here ({why})"
+            elif name == "onednn_plan":
+                works, why = onednn_plan_works()
+                if works:
+                    add(name, optimize(eager, channels_last=True, compile="onednn_plan"))
+                else:
+                    skipped[name] = f"oneDNN plans do not work here ({why})"
             elif name in ("onnxruntime", "onnxruntime_spin", "int8", "int8_spin"):
                 # One file per model for both thread settings: float32 exported, int8 quantized.
                 spin = name.endswith("_spin")

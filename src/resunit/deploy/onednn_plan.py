@@ -1,0 +1,441 @@
+"""A folded network run as a plan of oneDNN primitives: no framework between the layers.
+
+At ResNet-20's size a layer computes for ~10 µs, and PyTorch's oneDNN Graph bridge adds
+~5 µs of serial work per layer around it (BENCHMARKS.md): at batch 1 that overhead decided
+the race against ONNX Runtime. A plan (``native/onednn_plan.cpp``) creates each layer's
+oneDNN primitive once, with its weights reordered to the layout the kernel wants and every
+intermediate buffer laid out in advance, and a forward is then those primitives executed in
+a row from one C call.
+
+:func:`build_plan` reads the network from its ``torch.fx`` graph, specialised to one input
+shape, and fuses as :class:`~resunit.deploy.OneDnnGraphModel` does: ReLU into the layer
+before it, and a residual addition into the convolution that computes the residual
+(oneDNN's sum post-op: the convolution adds its result into the shortcut's buffer, in place
+when nothing reads the shortcut afterwards). :class:`OneDnnPlanModel` builds a plan per input
+shape and thread count on first use, as its parent class traces one.
+
+What it runs: convolutions (grouped, strided, dilated, zero-padded), BatchNorm in eval mode,
+ReLU, additions, max pooling, global average pooling, flatten and a linear classifier,
+float32 on the CPU: every registered network once BatchNorm is folded. Anything else is
+refused with :class:`~resunit.errors.ConfigError` when the model is wrapped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import operator
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from resunit.deploy.native_build import load_onednn_plan_library
+from resunit.errors import ConfigError
+
+_RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu)
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout)  # in eval mode: their input
+_TAKES_RELU = ("conv", "batch_norm", "add", "linear")  # the layers that fuse a ReLU after them
+
+
+@dataclass
+class _Op:
+    """One layer of the plan, on value numbers (0 is the input)."""
+
+    kind: str  # conv, batch_norm, relu, add, max_pool, avg_pool, linear
+    inputs: list[int]
+    output: int
+    module: nn.Module | None = None
+    relu: bool = False  # a ReLU fused after it
+    accumulate_into: int | None = None  # conv: the value it adds its result into, in place
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Graph:
+    """The model's fx graph as a list of :class:`_Op`, then fused."""
+
+    def __init__(self, model: nn.Module, example: Tensor | None) -> None:
+        with torch.no_grad():
+            traced = torch.fx.symbolic_trace(model)
+            if example is not None:
+                ShapeProp(traced).propagate(example)
+        self.modules = dict(traced.named_modules())
+        self.ops: list[_Op] = []
+        self.value_of: dict[torch.fx.Node, int] = {}
+        self.output = -1
+        self.output_shape: tuple[int, ...] | None = None
+        self._next_value = 0
+        for node in traced.graph.nodes:
+            self._read(node)
+
+    def _new_value(self) -> int:
+        self._next_value += 1
+        return self._next_value - 1
+
+    def _emit(self, kind: str, node: torch.fx.Node, inputs: list[Any], **kwargs: Any) -> None:
+        values = [self.value_of[arg] for arg in inputs]
+        output = self._new_value()
+        self.ops.append(_Op(kind, values, output, **kwargs))
+        self.value_of[node] = output
+
+    def _read(self, node: torch.fx.Node) -> None:
+        if node.op == "placeholder":
+            if self._next_value != 0:
+                raise ConfigError("a oneDNN plan takes one input tensor")
+            self.value_of[node] = self._new_value()
+        elif node.op == "output":
+            if not isinstance(node.args[0], torch.fx.Node):
+                raise ConfigError("a oneDNN plan returns one tensor")
+            self.output = self.value_of[node.args[0]]
+            self.output_shape = _shape(node.args[0])
+        elif node.op == "call_module":
+            self._read_module(node, self.modules[str(node.target)])
+        elif node.op == "call_function":
+            self._read_function(node, node.target, list(node.args), dict(node.kwargs))
+        elif node.op == "call_method":
+            self._read_method(node)
+        else:
+            raise _unsupported(node)
+
+    def _read_module(self, node: torch.fx.Node, module: nn.Module) -> None:
+        (source,) = node.args
+        if isinstance(module, nn.Conv2d):
+            if module.padding_mode != "zeros" or isinstance(module.padding, str):
+                raise ConfigError(f"a oneDNN plan needs explicit zero padding ({node.target})")
+            self._emit("conv", node, [source], module=module)
+        elif isinstance(module, nn.BatchNorm2d):
+            if module.running_mean is None or module.running_var is None:
+                raise ConfigError(f"a oneDNN plan needs BatchNorm statistics ({node.target})")
+            self._emit("batch_norm", node, [source], module=module)
+        elif isinstance(module, nn.ReLU):
+            self._emit("relu", node, [source])
+        elif isinstance(module, nn.MaxPool2d):
+            if module.return_indices or _pair(module.dilation) != (1, 1):
+                raise ConfigError(f"a oneDNN plan pools without dilation ({node.target})")
+            self._emit("max_pool", node, [source], module=module, extra=_window(module, source))
+        elif isinstance(module, nn.AvgPool2d):
+            # oneDNN averages over the cells inside the image, PyTorch's count_include_pad=False;
+            # without padding (ceil_mode's overhang aside) the two counts agree.
+            counts_padding = module.count_include_pad and _pair(module.padding) != (0, 0)
+            if counts_padding or module.divisor_override is not None:
+                raise ConfigError(
+                    f"a oneDNN plan averages over the image only ({node.target}: set "
+                    "count_include_pad=False)"
+                )
+            self._emit("avg_pool", node, [source], module=module, extra=_window(module, source))
+        elif isinstance(module, nn.AdaptiveAvgPool2d):
+            if _pair(module.output_size) != (1, 1):
+                raise ConfigError(f"a oneDNN plan pools to 1×1 only ({node.target})")
+            self._emit("avg_pool", node, [source], extra=_global_window(source))
+        elif isinstance(module, nn.Linear):
+            self._emit("linear", node, [source], module=module, extra={"shape": _shape(source)})
+        elif isinstance(module, _PASS_THROUGH_MODULES):
+            self.value_of[node] = self.value_of[source]
+        else:
+            raise _unsupported(node, type(module).__name__)
+
+    def _read_function(
+        self, node: torch.fx.Node, function: Any, args: list[Any], kwargs: dict[str, Any]
+    ) -> None:
+        if function in _RELU_FUNCTIONS and len(args) == 1:
+            self._emit("relu", node, args)
+        elif function in _ADD_FUNCTIONS and len(args) == 2 and not kwargs:
+            if not all(isinstance(arg, torch.fx.Node) for arg in args):
+                raise _unsupported(node, "an addition of a constant")
+            self._emit("add", node, args)
+        elif function is torch.flatten and _flattens_pooled_map(args, kwargs):
+            self.value_of[node] = self.value_of[args[0]]
+        else:
+            raise _unsupported(node)
+
+    def _read_method(self, node: torch.fx.Node) -> None:
+        args, kwargs = list(node.args), dict(node.kwargs)
+        if node.target in ("relu", "relu_"):
+            self._read_function(node, torch.relu, args, kwargs)
+        elif node.target in ("add", "add_"):
+            self._read_function(node, operator.add, args, kwargs)
+        elif node.target == "flatten":
+            self._read_function(node, torch.flatten, args, kwargs)
+        elif node.target == "contiguous" and len(args) == 1:
+            self.value_of[node] = self.value_of[args[0]]
+        else:
+            raise _unsupported(node)
+
+    def fuse(self) -> list[_Op]:
+        """Fold each ReLU and each residual addition into the layer that computes its input."""
+        readers: dict[int, list[int]] = {}
+        for index, op in enumerate(self.ops):
+            for value in op.inputs:
+                readers.setdefault(value, []).append(index)
+        readers.setdefault(self.output, []).append(len(self.ops))  # the caller reads it last
+        producer = {op.output: index for index, op in enumerate(self.ops)}
+        alias: dict[int, int] = {}
+        kept: list[_Op] = []
+        for index, op in enumerate(self.ops):
+            if op.kind == "add" and self._fuse_addition(index, op, readers, producer, alias):
+                continue
+            if op.kind == "relu":
+                (source,) = op.inputs
+                before = self.ops[producer[source]] if source in producer else None
+                fusable = before is not None and before.kind in _TAKES_RELU and not before.relu
+                if fusable and readers[source] == [index]:
+                    before.relu = True
+                    alias[op.output] = _resolve(alias, source)
+                    continue
+            op.inputs = [_resolve(alias, value) for value in op.inputs]
+            kept.append(op)
+        self.output = _resolve(alias, self.output)
+        return kept
+
+    def _fuse_addition(
+        self,
+        index: int,
+        add: _Op,
+        readers: dict[int, list[int]],
+        producer: dict[int, int],
+        alias: dict[int, int],
+    ) -> bool:
+        """Let the convolution computing one addend add into the other addend's buffer."""
+        for conv_value, other in (add.inputs, add.inputs[::-1]):
+            conv_index = producer.get(conv_value)
+            if conv_index is None:
+                continue
+            conv = self.ops[conv_index]
+            other_index = producer.get(other, -1)  # -1: the plan's input
+            in_place = (
+                conv.kind == "conv"
+                and not conv.relu
+                and conv.accumulate_into is None
+                and readers[conv_value] == [index]
+                # The other addend exists when the convolution runs, is not the caller's
+                # input tensor, and nothing reads it between the convolution and the sum.
+                and 0 <= other_index < conv_index
+                and all(r < conv_index or r == index for r in readers[other])
+            )
+            if in_place:
+                conv.accumulate_into = _resolve(alias, other)
+                conv.output = conv.accumulate_into
+                producer[add.output] = conv_index
+                alias[add.output] = conv.accumulate_into
+                # Readers of the sum read the other addend's buffer from here on.
+                return True
+        return False
+
+
+def _resolve(alias: dict[int, int], value: int) -> int:
+    while value in alias:
+        value = alias[value]
+    return value
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    meta = getattr(node, "meta", {}).get("tensor_meta")
+    return tuple(meta.shape) if meta is not None else None
+
+
+def _window(pool: nn.MaxPool2d | nn.AvgPool2d, source: Any) -> dict[str, Any]:
+    """A pooling window as oneDNN takes it: ceil_mode's extra output row and column become
+    padding after the image, so that both libraries give the same output size."""
+    kernel, padding = _pair(pool.kernel_size), _pair(pool.padding)
+    stride = _pair(pool.stride) if pool.stride is not None else kernel
+    shape = _shape(source)
+    if shape is None:  # only checking what the model holds
+        return {}
+    after = []
+    for size, k, s, p in zip(shape[2:], kernel, stride, padding, strict=True):
+        span = size + 2 * p - k
+        out = (-(-span // s) if pool.ceil_mode else span // s) + 1
+        if pool.ceil_mode and (out - 1) * s >= size + p:
+            out -= 1  # PyTorch's rule: the last window must start inside the image or its padding
+        after.append((out - 1) * s + k - size - p)
+    return {"kernel": kernel, "stride": stride, "before": padding, "after": tuple(after)}
+
+
+def _global_window(source: Any) -> dict[str, Any]:
+    shape = _shape(source)
+    if shape is None:
+        return {}
+    size = tuple(shape[2:])
+    return {"kernel": size, "stride": size, "before": (0, 0), "after": (0, 0)}
+
+
+def _flattens_pooled_map(args: list[Any], kwargs: dict[str, Any]) -> bool:
+    # flatten(x, 1) on an (n, c, 1, 1) map keeps the bytes in order: the plan's value serves.
+    start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
+    shape = _shape(args[0])
+    return start == 1 and len(args) <= 2 and (shape is None or shape[2:] == (1, 1))
+
+
+def _unsupported(node: torch.fx.Node, what: str | None = None) -> ConfigError:
+    name = what or getattr(node.target, "__name__", str(node.target))
+    return ConfigError(
+        f"a oneDNN plan cannot run {name} ({node.op} {node.name}); "
+        "use compile='onednn_graph' for this model"
+    )
+
+
+def check_plan_supported(model: nn.Module) -> None:
+    """Raise :class:`ConfigError` naming the first layer a plan cannot run (no input needed)."""
+    _Graph(model, None)
+
+
+class OneDnnPlan:
+    """A built plan for one input shape and layout: call it with such a tensor."""
+
+    def __init__(self, model: nn.Module, example: Tensor) -> None:
+        if example.dtype != torch.float32 or example.device.type != "cpu" or example.dim() != 4:
+            raise ConfigError("a oneDNN plan runs 4-d float32 CPU inputs")
+        self._lib = load_onednn_plan_library()
+        self._handle = self._lib.plan_new()
+        self._lock = threading.Lock()  # one set of buffers: one call at a time
+        self.input_shape = tuple(example.shape)
+        channels_last = _is_channels_last(example)
+        self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        graph = _Graph(model, example)
+        ops = graph.fuse()
+        assert graph.output_shape is not None  # ShapeProp ran
+        self.output_shape = graph.output_shape
+        # Weights and biases as float32 arrays, alive until the C call that copies them.
+        self._arrays: list[Tensor] = []
+        self._call("plan_input", 0, *self.input_shape, int(channels_last))
+        self._output_dims = self._build(ops, graph.output)
+
+    def _build(self, ops: list[_Op], output: int) -> tuple[int, ...]:
+        last_reader: dict[int, int] = {}
+        for index, op in enumerate(ops):
+            for value in [*op.inputs, op.output]:
+                last_reader[value] = index
+        last_reader[output] = len(ops)
+        for index, op in enumerate(ops):
+            self._add(op)
+            self._arrays.clear()
+            for value in {*op.inputs, op.output}:
+                if last_reader[value] == index and value != 0:
+                    self._call("plan_release", value)
+        dims = (ctypes.c_int64 * 8)()
+        rank = ctypes.c_int()
+        self._call("plan_finish", output, dims, ctypes.byref(rank))
+        return tuple(dims[: rank.value])
+
+    def _add(self, op: _Op) -> None:
+        source = op.inputs[0]
+        module = op.module
+        if op.kind == "conv":
+            assert isinstance(module, nn.Conv2d)
+            self._call(
+                "plan_convolution",
+                source,
+                op.output,
+                self._pointer(module.weight),
+                self._pointer(module.bias),
+                module.out_channels,
+                module.in_channels,
+                module.groups,
+                _int64s(module.kernel_size),
+                _int64s(module.stride),
+                _int64s(module.padding),
+                _int64s(module.dilation),
+                int(op.accumulate_into is not None),
+                int(op.relu),
+            )
+        elif op.kind == "batch_norm":
+            assert isinstance(module, nn.BatchNorm2d)
+            channels = module.num_features
+            ones, zeros = torch.ones(channels), torch.zeros(channels)
+            scale = module.weight if module.weight is not None else ones
+            shift = module.bias if module.bias is not None else zeros
+            self._call(
+                "plan_batch_norm",
+                source,
+                op.output,
+                self._pointer(scale),
+                self._pointer(shift),
+                self._pointer(module.running_mean),
+                self._pointer(module.running_var),
+                ctypes.c_float(module.eps),
+                int(op.relu),
+            )
+        elif op.kind == "relu":
+            self._call("plan_relu", source, op.output)
+        elif op.kind == "add":
+            self._call("plan_add", source, op.inputs[1], op.output, int(op.relu))
+        elif op.kind in ("max_pool", "avg_pool"):
+            window = [_int64s(op.extra[key]) for key in ("kernel", "stride", "before", "after")]
+            self._call("plan_pool", source, op.output, int(op.kind == "max_pool"), *window)
+        elif op.kind == "linear":
+            assert isinstance(module, nn.Linear)
+            self._call(
+                "plan_linear",
+                source,
+                op.output,
+                self._pointer(module.weight),
+                self._pointer(module.bias),
+                module.out_features,
+                int(op.relu),
+            )
+        else:  # pragma: no cover - _Graph emits only the kinds above
+            raise AssertionError(op.kind)
+
+    def _call(self, name: str, *args: Any) -> None:
+        if getattr(self._lib, name)(self._handle, *args) != 0:
+            message = self._lib.plan_error(self._handle).decode(errors="replace")
+            raise ConfigError(f"oneDNN plan: {message}")
+
+    def _pointer(self, tensor: Tensor | None) -> int | None:
+        if tensor is None:
+            return None
+        array = tensor.detach().to(torch.float32).contiguous()
+        self._arrays.append(array)
+        return array.data_ptr()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if tuple(x.shape) != self.input_shape:
+            raise ValueError(f"this plan was built for inputs of shape {self.input_shape}")
+        x = x.contiguous(memory_format=self._memory_format)
+        out = torch.empty(self._output_dims)
+        with self._lock:
+            # ctypes lets go of the GIL for the call: other Python threads run meanwhile.
+            self._call("plan_run", x.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        return out.view(self.output_shape)
+
+    def __del__(self) -> None:
+        handle = getattr(self, "_handle", None)
+        if handle:
+            self._lib.plan_free(handle)
+            self._handle = None
+
+
+def _int64s(value: Any) -> Any:
+    return (ctypes.c_int64 * 2)(*_pair(value))
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    # A 1×1 image or one channel is both layouts at once: PyTorch's plain order wins.
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def onednn_plan_works() -> tuple[bool, str]:
+    """Whether oneDNN plans build and compute correctly here, and why not."""
+    try:
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()).eval()
+        x = torch.randn(1, 3, 8, 8)
+        plan = OneDnnPlan(net, x)
+        with torch.no_grad():
+            difference = (plan(x) - net(x)).abs().max().item()
+        if difference > 1e-5:
+            return False, "its output differs from the model's"
+    except (ConfigError, OSError) as exc:  # OSError: the built library would not load
+        return False, str(exc)[:200]
+    return True, ""
+
+
+__all__ = ["OneDnnPlan", "check_plan_supported", "onednn_plan_works"]

@@ -1,0 +1,263 @@
+"""The oneDNN plan (``optimize(compile="onednn_plan")``): the same function, fused, from C."""
+
+import importlib.metadata
+import shutil
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from resunit import deploy
+from resunit.blocks import DropPath
+from resunit.deploy import OneDnnPlan, native_build, onednn_plan, optimize, relative_difference
+from resunit.errors import ConfigError
+from resunit.models import create_model
+
+WORKS, WHY = deploy.onednn_plan_works()
+needs_plan = pytest.mark.skipif(not WORKS, reason=f"oneDNN plans unavailable: {WHY}")
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+
+def _trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics, as training leaves them (fresh ones are ~identity)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.25)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.3)
+    return model.eval()
+
+
+def _float64_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # The original model in float64: an independent check of both float32 paths.
+    import copy
+
+    with torch.no_grad():
+        return copy.deepcopy(model).double()(x.double())
+
+
+# Every block type and shortcut the registry builds: basic, bottleneck, grouped (ResNeXt),
+# pre-activation (BatchNorm that no convolution precedes), plain (no shortcut), wide with
+# dropout (gone in eval mode), option-A padding (as convolutions), ResNet-D's average pool,
+# the ImageNet stem's max pool.
+PLAN_CASES = [
+    ("resnet20", {}),
+    ("plain20", {}),
+    ("preact_resnet110", {}),
+    ("wrn_16_4", {"dropout": 0.3}),
+    ("resnet18", {}),
+    ("resnet50", {"shortcut": "avgpool"}),
+    ("resnext50_32x4d", {}),
+]
+
+
+@needs_plan
+@pytest.mark.parametrize(("name", "overrides"), PLAN_CASES, ids=lambda v: str(v or ""))
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_a_plan_computes_the_original_function(name, overrides, channels_last):
+    model = _trained_like(create_model(name, num_classes=10, **overrides))
+    # 33×33: odd sizes reach ceil_mode and padding edge cases in every stage.
+    x = torch.randn(3, 3, 33, 33, generator=torch.Generator().manual_seed(1))
+    fast = optimize(model, channels_last=channels_last, compile="onednn_plan")
+    expected = _float64_reference(model, x)
+    assert relative_difference(fast(x).double(), expected) <= 1e-5
+    assert relative_difference(fast(x[:1]).double(), expected[:1]) <= 1e-5  # its own plan
+    assert len(fast.graphs) == 2
+    assert not fast(x).requires_grad
+
+
+@needs_plan
+def test_a_residual_network_runs_as_its_convolutions_with_nothing_between():
+    # Every ReLU and every residual sum fused into a convolution: the plan holds one step per
+    # convolution, plus the pool and the classifier.
+    model = optimize(_trained_like(create_model("resnet20")), compile="onednn_plan").model
+    convolutions = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    graph = onednn_plan._Graph(model, torch.randn(1, 3, 32, 32))
+    steps = graph.fuse()
+    assert [s.kind for s in steps].count("conv") == convolutions
+    assert len(steps) == convolutions + 2
+    sums = [s for s in steps if s.accumulate_into is not None]
+    assert len(sums) == 9  # one per residual unit
+    assert all(s.relu for s in sums)
+
+
+class _Reads:
+    """Small graphs whose additions cannot all be done in place."""
+
+    class ShortcutReadAgain(nn.Module):
+        # x is read after the convolution that could add into it: it must stay intact.
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3, padding=1)
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            x = self.stem(x)
+            y = torch.relu(self.conv(x) + x)
+            return y + x
+
+    class InputAsAddend(nn.Module):
+        # The caller's tensor is never written: this sum needs its own buffer.
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x) + x)
+
+    class ReluBeforeAndAfter(nn.Module):
+        # An addition of two ReLUs, a ReLU read twice, a flatten of a pooled map, DropPath.
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3, stride=2)
+            self.relu = nn.ReLU()
+            self.drop = DropPath(0.2)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, x):
+            a = self.relu(self.conv(x))
+            b = self.drop(torch.relu(a + a))
+            return self.fc(torch.flatten(self.pool(b + a), 1))
+
+
+@needs_plan
+@pytest.mark.parametrize(
+    "model_class", [_Reads.ShortcutReadAgain, _Reads.InputAsAddend, _Reads.ReluBeforeAndAfter]
+)
+def test_additions_that_cannot_be_fused_in_place_still_compute_the_model(model_class):
+    torch.manual_seed(0)
+    model = model_class().eval()
+    x = torch.randn(2, 3, 9, 9)
+    plan = OneDnnPlan(model, x)
+    with torch.no_grad():
+        expected = model(x)
+        assert relative_difference(plan(x), expected) <= 1e-5
+        assert relative_difference(plan(x), expected) <= 1e-5  # the second call alike
+    assert torch.equal(x, x.clone())  # and x itself untouched
+
+
+@needs_plan
+def test_a_model_ending_in_a_feature_map_returns_it_in_plain_layout():
+    # oneDNN keeps maps in blocked layouts inside; the caller gets PyTorch's NCHW.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    out = OneDnnPlan(model, x)(x)
+    assert out.shape == (2, 32, 4, 4) and out.is_contiguous()
+    with torch.no_grad():
+        assert relative_difference(out, model(x)) <= 1e-6
+
+
+@needs_plan
+@pytest.mark.parametrize(
+    ("pool", "size"),
+    [
+        (nn.MaxPool2d(3, 2, 1, ceil_mode=True), 8),
+        (nn.MaxPool2d(2, 2, ceil_mode=True), 7),
+        (nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False), 8),
+        (nn.AvgPool2d(2, 2), 9),
+    ],
+)
+def test_pooling_windows_match_pytorch_including_ceil_mode(pool, size):
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), pool).eval()
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
+    out = OneDnnPlan(model, x)(x)
+    with torch.no_grad():
+        expected = model(x)
+    assert out.shape == expected.shape
+    assert relative_difference(out, expected) <= 1e-6
+
+
+def test_layers_a_plan_cannot_run_are_refused_when_the_model_is_wrapped():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid())
+    with pytest.raises(ConfigError, match=r"cannot run Sigmoid.*compile='onednn_graph'"):
+        onednn_plan.check_plan_supported(model)
+    with pytest.raises(ConfigError, match="count_include_pad=False"):
+        onednn_plan.check_plan_supported(nn.Sequential(nn.AvgPool2d(3, padding=1)))
+    with pytest.raises(ConfigError, match="1×1 only"):
+        onednn_plan.check_plan_supported(nn.Sequential(nn.AdaptiveAvgPool2d(2)))
+    if WORKS:  # optimize refuses before any input arrives
+        with pytest.raises(ConfigError, match="Sigmoid"):
+            optimize(model, compile="onednn_plan")
+
+
+@needs_plan
+def test_a_plan_refuses_inputs_it_was_not_built_for():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
+    plan = OneDnnPlan(model, torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"built for inputs of shape \(1, 3, 8, 8\)"):
+        plan(torch.randn(2, 3, 8, 8))
+    with pytest.raises(ConfigError, match="float32"):
+        OneDnnPlan(model, torch.randn(1, 3, 8, 8, dtype=torch.float64))
+
+
+@needs_plan
+def test_threads_calling_one_plan_at_once_each_get_their_own_answer():
+    # One set of buffers per plan: concurrent calls must take turns, not mix their tensors.
+    model = _trained_like(create_model("resnet20"))
+    fast = optimize(model, compile="onednn_plan")
+    inputs = [
+        torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)
+    ]
+    fast(inputs[0])  # built before the threads start
+    results: list = [None] * 4
+    barrier = threading.Barrier(4)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = [fast(inputs[i]) for _ in range(20)]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for x, outs in zip(inputs, results, strict=True):
+        expected = _float64_reference(model, x)
+        assert all(relative_difference(out.double(), expected) <= 1e-5 for out in outs)
+    assert len(fast.graphs) == 1
+
+
+@needs_plan
+def test_each_thread_count_gets_its_own_plan():
+    model = _trained_like(create_model("resnet20"))
+    fast = optimize(model, compile="onednn_plan")
+    x = torch.randn(1, 3, 32, 32)
+    before = torch.get_num_threads()
+    outputs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outputs.append(fast(x))
+    finally:
+        torch.set_num_threads(before)
+    assert sorted(key[-1] for key in fast.graphs) == [1, 2]
+    expected = _float64_reference(model, x)
+    assert all(relative_difference(out.double(), expected) <= 1e-5 for out in outputs)
+
+
+def test_a_missing_onednn_package_names_the_extra(monkeypatch):
+    def missing(package):
+        raise importlib.metadata.PackageNotFoundError(package)
+
+    monkeypatch.setattr(importlib.metadata, "files", missing)
+    with pytest.raises(ConfigError, match=r"resunit\[onednn\]"):
+        native_build._installed_file("onednn-cpu-gomp", "libdnnl.so.3")
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
+def test_a_failed_build_says_so_and_leaves_no_library_behind(tmp_path, monkeypatch):
+    source = tmp_path / "broken.cpp"
+    source.write_text("this is not C++\n")
+    monkeypatch.setattr(native_build, "SOURCE", source)
+    target = tmp_path / "cache" / "plan.so"
+    with pytest.raises(ConfigError, match="building the oneDNN plan library failed"):
+        native_build._build(shutil.which("c++"), tmp_path, tmp_path, target)
+    assert list(target.parent.iterdir()) == []  # neither the library nor a partial file
