@@ -4,7 +4,8 @@ One module per step, in the order a network goes through them:
 
 * :mod:`~resunit.deploy.folding` — BatchNorm folded into the convolutions;
 * :mod:`~resunit.deploy.inference` — :func:`optimize`: channels_last, fused ReLUs, compiled
-  (inductor or oneDNN Graph), large batches in cache-sized pieces
+  (inductor, oneDNN Graph, or a plan of oneDNN primitives: :mod:`~resunit.deploy.onednn_plan`,
+  built by :mod:`~resunit.deploy.native_build`), large batches in cache-sized pieces
   (:mod:`~resunit.deploy.cache_pieces`);
 * :mod:`~resunit.deploy.onnx_export` — ONNX export verified in ONNX Runtime;
 * :mod:`~resunit.deploy.int8` — post-training static int8 (ONNX Runtime or PT2E);
@@ -17,7 +18,8 @@ transformation is checked against the model it came from: a faster network is on
 it computes the same function. Import from ``resunit.deploy``; the modules are its chapters.
 
 Threads: the inference models (:class:`InferenceModel`, :class:`OneDnnGraphModel`,
-:class:`OnnxRuntimeModel`) may be called from several threads at once; building them
+:class:`OneDnnPlanModel`, :class:`OnnxRuntimeModel`) may be called from several threads at
+once (a plan's calls take turns); building them
 (:func:`optimize`, :func:`export_onnx`, :func:`quantize` …) is meant for one thread.
 """
 
