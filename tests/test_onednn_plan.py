@@ -1,5 +1,6 @@
 """The oneDNN plan (``optimize(compile="onednn_plan")``): the same function, fused, from C."""
 
+import copy
 import importlib.metadata
 import shutil
 import threading
@@ -36,8 +37,6 @@ def _trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def _float64_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # The original model in float64: an independent check of both float32 paths.
-    import copy
-
     with torch.no_grad():
         return copy.deepcopy(model).double()(x.double())
 
@@ -127,20 +126,88 @@ class _Reads:
             return self.fc(torch.flatten(self.pool(b + a), 1))
 
 
+class _InPlace:
+    """In-place layers: every later reader of their input sees their result, as in eager."""
+
+    class AddInPlaceThenReadTheName(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            out = self.conv(x)
+            out.add_(torch.relu(x))  # the result of add_ is unused: `out` is read below
+            return torch.relu(out)
+
+    class ReluInPlaceOnAnAlias(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.same = nn.Identity()
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            a = self.conv(x)
+            b = self.same(a)  # the same tensor under another name
+            r = self.relu(a)
+            return r + b  # eager: 2 × relu(a)
+
+    class FunctionalReluInPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            a = self.conv(x)
+            torch.relu_(a)
+            b = nn.functional.relu(a, inplace=True)
+            return a + b
+
+
+class _Broadcast(nn.Module):
+    """A sum with a pooled (n, c, 1, 1) addend: oneDNN broadcasts it, never adds into it."""
+
+    def __init__(self, pooled_first: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pooled_first = pooled_first
+
+    def forward(self, x):
+        a = self.conv(x)
+        p = self.pool(a)
+        return p + self.conv2(a) if self.pooled_first else self.conv2(a) + p
+
+
 @needs_plan
 @pytest.mark.parametrize(
-    "model_class", [_Reads.ShortcutReadAgain, _Reads.InputAsAddend, _Reads.ReluBeforeAndAfter]
+    "make",
+    [
+        _Reads.ShortcutReadAgain,
+        _Reads.InputAsAddend,
+        _Reads.ReluBeforeAndAfter,
+        _InPlace.AddInPlaceThenReadTheName,
+        _InPlace.ReluInPlaceOnAnAlias,
+        _InPlace.FunctionalReluInPlace,
+        lambda: _Broadcast(pooled_first=False),
+        lambda: _Broadcast(pooled_first=True),
+        lambda: nn.Identity(),  # the output is the input: copied, not left unwritten
+        lambda: nn.Sequential(nn.Dropout(), nn.Identity()),
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+    ],
 )
-def test_additions_that_cannot_be_fused_in_place_still_compute_the_model(model_class):
+def test_graphs_that_cannot_all_be_fused_in_place_still_compute_the_model(make):
     torch.manual_seed(0)
-    model = model_class().eval()
+    model = make().eval()
     x = torch.randn(2, 3, 9, 9)
     plan = OneDnnPlan(model, x)
+    kept = x.clone()
     with torch.no_grad():
-        expected = model(x)
-        assert relative_difference(plan(x), expected) <= 1e-5
-        assert relative_difference(plan(x), expected) <= 1e-5  # the second call alike
-    assert torch.equal(x, x.clone())  # and x itself untouched
+        expected = copy.deepcopy(model)(x.clone())  # a copy: in-place layers write their input
+    assert relative_difference(plan(x), expected) <= 1e-5
+    assert relative_difference(plan(x), expected) <= 1e-5  # the second call alike
+    assert torch.equal(x, kept)  # and the caller's tensor untouched
 
 
 @needs_plan
@@ -175,6 +242,11 @@ def test_pooling_windows_match_pytorch_including_ceil_mode(pool, size):
     assert relative_difference(out, expected) <= 1e-6
 
 
+class _DataDependent(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x  # Python control flow on a tensor: fx cannot follow
+
+
 def test_layers_a_plan_cannot_run_are_refused_when_the_model_is_wrapped():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid())
     with pytest.raises(ConfigError, match=r"cannot run Sigmoid.*compile='onednn_graph'"):
@@ -183,9 +255,29 @@ def test_layers_a_plan_cannot_run_are_refused_when_the_model_is_wrapped():
         onednn_plan.check_plan_supported(nn.Sequential(nn.AvgPool2d(3, padding=1)))
     with pytest.raises(ConfigError, match="1×1 only"):
         onednn_plan.check_plan_supported(nn.Sequential(nn.AdaptiveAvgPool2d(2)))
+    with pytest.raises(ConfigError, match="cannot run Flatten"):  # keeps a dimension
+        onednn_plan.check_plan_supported(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1, 2)))
+    with pytest.raises(ConfigError, match=r"torch\.fx cannot trace"):
+        onednn_plan.check_plan_supported(_DataDependent())
     if WORKS:  # optimize refuses before any input arrives
         with pytest.raises(ConfigError, match="Sigmoid"):
             optimize(model, compile="onednn_plan")
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        # PyTorch applies Linear to the last dimension; a plan only to flattened rows.
+        (nn.Sequential(nn.Conv2d(3, 4, 1), nn.Linear(8, 8)), r"Linear to \(n, features\) rows"),
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), "cannot run Flatten"),  # a 6×6 map
+    ],
+)
+@needs_plan
+def test_layers_that_depend_on_shapes_are_refused_when_the_input_arrives(model, message):
+    x = torch.randn(1, 3, 8, 8)
+    onednn_plan.check_plan_supported(model)  # the kinds of layer are fine
+    with pytest.raises(ConfigError, match=message):
+        OneDnnPlan(model.eval(), x)
 
 
 @needs_plan
@@ -194,8 +286,22 @@ def test_a_plan_refuses_inputs_it_was_not_built_for():
     plan = OneDnnPlan(model, torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match=r"built for inputs of shape \(1, 3, 8, 8\)"):
         plan(torch.randn(2, 3, 8, 8))
-    with pytest.raises(ConfigError, match="float32"):
+    # The C side reads float32 from host memory: other tensors are refused, never reinterpreted.
+    for dtype in (torch.float64, torch.float16, torch.int32):
+        with pytest.raises(ValueError, match=f"float32 CPU tensors, not 4-d {dtype}"):
+            plan(torch.zeros(1, 3, 8, 8, dtype=dtype))
+    with pytest.raises(ValueError, match="float32"):
         OneDnnPlan(model, torch.randn(1, 3, 8, 8, dtype=torch.float64))
+
+
+@needs_plan
+def test_a_model_in_training_mode_is_refused_and_left_as_it_was():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match=r"eval mode"):
+        OneDnnPlan(model, torch.randn(2, 3, 8, 8))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics untouched
 
 
 @needs_plan
@@ -253,11 +359,49 @@ def test_a_missing_onednn_package_names_the_extra(monkeypatch):
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
-def test_a_failed_build_says_so_and_leaves_no_library_behind(tmp_path, monkeypatch):
+def test_a_failed_build_names_the_error_and_leaves_no_library_behind(tmp_path, monkeypatch):
     source = tmp_path / "broken.cpp"
-    source.write_text("this is not C++\n")
+    # An error inside a function: the compiler's first line is context, not the error.
+    source.write_text("int f() {\n  return undeclared_name;\n}\n")
     monkeypatch.setattr(native_build, "SOURCE", source)
     target = tmp_path / "cache" / "plan.so"
-    with pytest.raises(ConfigError, match="building the oneDNN plan library failed"):
-        native_build._build(shutil.which("c++"), tmp_path, tmp_path, target)
+    with pytest.raises(ConfigError, match=r"failed: .*error: .*undeclared_name"):
+        native_build._build([shutil.which("c++")], tmp_path, tmp_path, target)
     assert list(target.parent.iterdir()) == []  # neither the library nor a partial file
+
+
+@pytest.fixture
+def fresh_library_load():
+    """Forget the loaded library for one test, and again after it (the next load is real)."""
+    native_build._load_once.cache_clear()
+    yield
+    native_build._load_once.cache_clear()
+
+
+def test_a_failed_build_is_remembered_and_refused_by_optimize(
+    tmp_path, monkeypatch, fresh_library_load
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built here yet
+    monkeypatch.setattr(native_build, "_compiler", lambda: ["c++"])
+    monkeypatch.setattr(native_build, "_version", lambda compiler: "c++ 1.0")
+    builds = []
+
+    def failing_build(*args):
+        builds.append(args)
+        raise ConfigError("building the oneDNN plan library failed: no compiler today")
+
+    monkeypatch.setattr(native_build, "_build", failing_build)
+    if not _onednn_installed():
+        pytest.skip("the [onednn] extra is not installed: the build is never reached")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
+    for _ in range(3):  # refused when wrapped, not on the first call, and compiled only once
+        with pytest.raises(ConfigError, match="no compiler today"):
+            optimize(model, compile="onednn_plan")
+    assert len(builds) == 1
+
+
+def _onednn_installed() -> bool:
+    try:
+        return all(importlib.metadata.files(p) for p in native_build.ONEDNN_PACKAGES)
+    except importlib.metadata.PackageNotFoundError:
+        return False

@@ -23,6 +23,7 @@ from resunit.blocks import PadShortcut
 from resunit.deploy.cache_pieces import SPLIT_FROM_CACHES, cache_sized_batch
 from resunit.deploy.folding import fold_batchnorm, relative_difference
 from resunit.deploy.module_surgery import replace_modules
+from resunit.deploy.native_build import load_onednn_plan_library
 from resunit.deploy.onednn_plan import OneDnnPlan, check_plan_supported
 from resunit.errors import ConfigError, first_line
 from resunit.models import ResNet, dtype_and_device
@@ -288,53 +289,36 @@ def _pad_as_convolution(pad: PadShortcut, dtype: torch.dtype, device: torch.devi
     return conv
 
 
-class OneDnnGraphModel(InferenceModel):
-    """A folded model traced to TorchScript, frozen, and run with oneDNN Graph fusion.
+class PerShapeModel(InferenceModel):
+    """A folded model compiled once per input shape and thread count, on first use.
 
-    oneDNN Graph ("LLGA") takes the whole traced graph, groups conv + bias + residual add +
-    ReLU into compiled partitions and keeps tensors in oneDNN's blocked layouts between them.
-    Each partition is then one cached call, whereas every convolution that inductor emits goes
-    through PyTorch's generic oneDNN operator, which costs ~30 µs of CPU per call beyond the
-    kernel (profiled at ResNet-20 batch 1: ~53 µs per conv call, of which oneDNN reports
-    ~20 µs executing): at batch 1 that overhead is most of a ResNet-20's time.
+    The bookkeeping that :class:`OneDnnGraphModel` (a TorchScript trace) and
+    :class:`OneDnnPlanModel` (a plan of oneDNN primitives) share; subclasses say in
+    :meth:`_build` what one shape's compiled graph is.
 
     Each input shape (with its strides, dtype and device) and torch thread count gets its own
-    trace, made on the first call with that shape and warmed up before that call returns, so
-    the first result already comes from the fused graph. Knowing the shape lets a plain
-    ResNet's pool + classifier head run as one convolution there (``_HeadAsConvolution`` in
-    this module). The first :data:`MAX_ONEDNN_GRAPHS` of these are traced; later ones run the
-    folded model eagerly (with a warning, once, and without waiting for other threads'
-    traces): each trace took ~55 MB more memory for a ResNet-50, and in a test during review
-    a dropped trace's memory did not come back (~13 MB per ResNet-20 trace, after gc and
-    malloc_trim), so a model fed ever-new shapes must stop tracing rather than replace old
-    traces.
-    PyTorch has deprecated TorchScript; :func:`onednn_graph_works` says whether this still works
-    in the installed version.
+    graph, built on the first call with that shape and warm before that call returns, so the
+    first result already comes from it. The first :data:`MAX_ONEDNN_GRAPHS` of these are built;
+    later ones run the folded model eagerly (with a warning, once, and without waiting for
+    other threads' builds): each trace took ~55 MB more memory for a ResNet-50, and in a test
+    during review a dropped trace's memory did not come back (~13 MB per ResNet-20 trace, after
+    gc and malloc_trim), so a model fed ever-new shapes must stop building rather than replace
+    old graphs.
 
     A batch whose residual units' tensors would fill the CPU's last-level cache four times
-    over runs in even, cache-sized pieces (:mod:`~resunit.deploy.cache_pieces`), each traced
+    over runs in even, cache-sized pieces (:mod:`~resunit.deploy.cache_pieces`), each built
     like any other shape: ResNet-50 at batch 32 goes through memory in pieces of 4 on a 32 MB
     L3, 2-4% faster than whole. ``split_large_batches = False`` (on the class or one model)
     turns this off.
 
-    oneDNN fusion is a process-wide TorchScript switch. It is on only while a shape is traced
-    and warmed up: a warm graph keeps its fused plan with the switch off. Holding it on around
-    every call instead (thread-safely, as this class did before) cost 10% at ResNet-20 batch 1
-    and 4% at batch 32: removing it made those calls that much faster
-    (``benchmarks/onednn_graph_choices.py``). Other TorchScript code compiling while a shape is
-    traced sees the switch on.
-
     Threads: calling it from several threads at once is safe, first calls included: one
-    thread traces and warms up a shape while the others wait, and a graph is published only
-    when warm.
+    thread builds a shape while the others wait, and a graph is published only when warm.
     """
 
-    # Whether a ResNet's head is traced as one convolution, and whether large batches run in
-    # cache-sized pieces (off only to measure what each gains, in
+    # Whether large batches run in cache-sized pieces (off only to measure what it gains, in
     # benchmarks/onednn_graph_choices.py).
-    head_as_convolution: bool = True
     split_large_batches: bool = True
-    kind = "oneDNN Graph"  # for messages
+    kind = "compiled"  # what the graphs are, for messages
 
     def __init__(self, model: nn.Module, channels_last: bool) -> None:
         super().__init__(model, channels_last)
@@ -409,15 +393,7 @@ class OneDnnGraphModel(InferenceModel):
 
     def _build(self, x: Tensor) -> Callable[[Tensor], Tensor]:
         """The warm graph for inputs like ``x`` (the model is in eval mode)."""
-        with _onednn_fusion():
-            model = self.model
-            if self.head_as_convolution:
-                model = _head_as_convolution(model, x, self.channels_last)
-            graph = _trace_and_freeze(model, x)
-            # The profiling executor fuses after its profiled runs: do them now.
-            for _ in range(torch._C._jit_get_num_profiled_runs() + 1):
-                graph(x)
-        return graph
+        raise NotImplementedError
 
     def _warn_untraced(self) -> None:
         # Unlocked: two threads may both warn once; untraced calls never wait for a trace.
@@ -437,12 +413,54 @@ MAX_ONEDNN_GRAPHS = 8
 ones run eagerly."""
 
 
-class OneDnnPlanModel(OneDnnGraphModel):
+class OneDnnGraphModel(PerShapeModel):
+    """A folded model traced to TorchScript, frozen, and run with oneDNN Graph fusion.
+
+    oneDNN Graph ("LLGA") takes the whole traced graph, groups conv + bias + residual add +
+    ReLU into compiled partitions and keeps tensors in oneDNN's blocked layouts between them.
+    Each partition is then one cached call, whereas every convolution that inductor emits goes
+    through PyTorch's generic oneDNN operator, which costs ~30 µs of CPU per call beyond the
+    kernel (profiled at ResNet-20 batch 1: ~53 µs per conv call, of which oneDNN reports
+    ~20 µs executing): at batch 1 that overhead is most of a ResNet-20's time.
+
+    One trace per input shape and thread count (:class:`PerShapeModel`). Knowing the shape
+    lets a plain ResNet's pool + classifier head run as one convolution there
+    (``_HeadAsConvolution`` in this module). PyTorch has deprecated TorchScript;
+    :func:`onednn_graph_works` says whether this still works in the installed version.
+
+    oneDNN fusion is a process-wide TorchScript switch. It is on only while a shape is traced
+    and warmed up: a warm graph keeps its fused plan with the switch off. Holding it on around
+    every call instead (thread-safely, as this class did before) cost 10% at ResNet-20 batch 1
+    and 4% at batch 32: removing it made those calls that much faster
+    (``benchmarks/onednn_graph_choices.py``). Other TorchScript code compiling while a shape is
+    traced sees the switch on.
+    """
+
+    # Whether a ResNet's head is traced as one convolution (off only to measure what it
+    # gains, in benchmarks/onednn_graph_choices.py).
+    head_as_convolution: bool = True
+    kind = "oneDNN Graph"
+
+    def _build(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """The warm graph for inputs like ``x`` (the model is in eval mode)."""
+        with _onednn_fusion():
+            model = self.model
+            if self.head_as_convolution:
+                model = _head_as_convolution(model, x, self.channels_last)
+            graph = _trace_and_freeze(model, x)
+            # The profiling executor fuses after its profiled runs: do them now.
+            for _ in range(torch._C._jit_get_num_profiled_runs() + 1):
+                graph(x)
+        return graph
+
+
+class OneDnnPlanModel(PerShapeModel):
     """A folded model run as a plan of oneDNN primitives per input shape and thread count.
 
-    The same bookkeeping as :class:`OneDnnGraphModel` (one plan per shape and thread count,
-    built on the first call and shared by threads; large batches in cache-sized pieces), but
-    instead of a TorchScript trace each shape gets a :class:`~resunit.deploy.OneDnnPlan`: the
+    The same bookkeeping as :class:`OneDnnGraphModel` (:class:`PerShapeModel`: one plan per
+    shape and thread count, built on the first call and shared by threads; large batches in
+    cache-sized pieces), but instead of a TorchScript trace each shape gets a
+    :class:`~resunit.deploy.OneDnnPlan`: the
     layers' primitives created once and executed in a row from one C call, without PyTorch
     between them. On 2 cores it ran ResNet-20 at batch 1 in ~200 µs against ~330 µs for the
     oneDNN Graph trace (BENCHMARKS.md). One call at a time runs each plan (its buffers are
@@ -456,7 +474,10 @@ class OneDnnPlanModel(OneDnnGraphModel):
     kind = "oneDNN plan"
 
     def __init__(self, model: nn.Module, channels_last: bool) -> None:
-        check_plan_supported(model)  # refuse now what the first call could not build
+        # Refused now rather than on the first call: no oneDNN or compiler, or a layer a plan
+        # cannot run (what depends on the input's shape can only be checked with one).
+        load_onednn_plan_library()
+        check_plan_supported(model)
         super().__init__(model, channels_last)
 
     def _build(self, x: Tensor) -> Callable[[Tensor], Tensor]:
@@ -603,6 +624,7 @@ __all__ = [
     "InferenceModel",
     "OneDnnGraphModel",
     "OneDnnPlanModel",
+    "PerShapeModel",
     "compile_works",
     "onednn_graph_works",
     "optimize",

@@ -7,17 +7,20 @@ oneDNN primitive once, with its weights reordered to the layout the kernel wants
 intermediate buffer laid out in advance, and a forward is then those primitives executed in
 a row from one C call.
 
-:func:`build_plan` reads the network from its ``torch.fx`` graph, specialised to one input
+:class:`OneDnnPlan` reads the network from its ``torch.fx`` graph, specialised to one input
 shape, and fuses as :class:`~resunit.deploy.OneDnnGraphModel` does: ReLU into the layer
 before it, and a residual addition into the convolution that computes the residual
-(oneDNN's sum post-op: the convolution adds its result into the shortcut's buffer, in place
-when nothing reads the shortcut afterwards). :class:`OneDnnPlanModel` builds a plan per input
-shape and thread count on first use, as its parent class traces one.
+(oneDNN's sum post-op: the convolution adds its result into the shortcut's buffer, in place,
+where nothing reads the shortcut afterwards). :class:`~resunit.deploy.OneDnnPlanModel` builds
+a plan per input shape and thread count on first use.
 
-What it runs: convolutions (grouped, strided, dilated, zero-padded), BatchNorm in eval mode,
-ReLU, additions, max pooling, global average pooling, flatten and a linear classifier,
-float32 on the CPU: every registered network once BatchNorm is folded. Anything else is
-refused with :class:`~resunit.errors.ConfigError` when the model is wrapped.
+What it runs, float32 on the CPU, in eval mode: convolutions (grouped, strided, dilated,
+zero-padded), BatchNorm, ReLU, additions (one addend may broadcast), max and average pooling
+(ceil_mode included), global average pooling, flatten of a pooled map, and linear layers on
+its rows; Identity and Dropout pass their input on. That is every registered network once
+BatchNorm is folded and option-A shortcuts are convolutions, as :func:`~resunit.deploy.optimize`
+does. Anything else is refused with :class:`~resunit.errors.ConfigError`: the kinds of layer
+when the model is wrapped, what depends on shapes when the first input arrives.
 """
 
 from __future__ import annotations
@@ -35,11 +38,12 @@ from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from resunit.deploy.native_build import load_onednn_plan_library
-from resunit.errors import ConfigError
+from resunit.errors import ConfigError, first_line
 
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
-_PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout)  # in eval mode: their input
+# In eval mode these return their input (the plan refuses models in training mode).
+_PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
 _TAKES_RELU = ("conv", "batch_norm", "add", "linear")  # the layers that fuse a ReLU after them
 
 
@@ -57,44 +61,65 @@ class _Op:
 
 
 class _Graph:
-    """The model's fx graph as a list of :class:`_Op`, then fused."""
+    """The model's fx graph as a list of :class:`_Op`, then fused.
+
+    Without an example input only the kinds of layer are checked; with one, every shape too.
+    """
 
     def __init__(self, model: nn.Module, example: Tensor | None) -> None:
-        with torch.no_grad():
+        try:
             traced = torch.fx.symbolic_trace(model)
-            if example is not None:
+        except Exception as exc:  # fx raises several types for Python it cannot follow
+            raise ConfigError(
+                f"torch.fx cannot trace this model for a oneDNN plan "
+                f"({type(exc).__name__}: {first_line(exc)}); use compile='onednn_graph'"
+            ) from exc
+        if example is not None:
+            with torch.no_grad():
                 ShapeProp(traced).propagate(example)
         self.modules = dict(traced.named_modules())
+        self.order = {node: index for index, node in enumerate(traced.graph.nodes)}
         self.ops: list[_Op] = []
         self.value_of: dict[torch.fx.Node, int] = {}
+        self.nodes_of: dict[int, list[torch.fx.Node]] = {}  # a value's node and its aliases
+        self.value_shape: dict[int, tuple[int, ...] | None] = {}
         self.output = -1
         self.output_shape: tuple[int, ...] | None = None
-        self._next_value = 0
         for node in traced.graph.nodes:
             self._read(node)
 
-    def _new_value(self) -> int:
-        self._next_value += 1
-        return self._next_value - 1
+    def _bind(self, node: torch.fx.Node, value: int) -> None:
+        self.value_of[node] = value
+        self.nodes_of.setdefault(value, []).append(node)
 
     def _emit(self, kind: str, node: torch.fx.Node, inputs: list[Any], **kwargs: Any) -> None:
         values = [self.value_of[arg] for arg in inputs]
-        output = self._new_value()
+        output = len(self.nodes_of)
         self.ops.append(_Op(kind, values, output, **kwargs))
-        self.value_of[node] = output
+        self.value_shape[output] = _shape(node)
+        self._bind(node, output)
+
+    def _alias(self, node: torch.fx.Node, source: torch.fx.Node) -> None:
+        self._bind(node, self.value_of[source])
 
     def _read(self, node: torch.fx.Node) -> None:
         if node.op == "placeholder":
-            if self._next_value != 0:
+            if self.nodes_of:
                 raise ConfigError("a oneDNN plan takes one input tensor")
-            self.value_of[node] = self._new_value()
+            self._bind(node, 0)
+            self.value_shape[0] = _shape(node)
         elif node.op == "output":
             if not isinstance(node.args[0], torch.fx.Node):
                 raise ConfigError("a oneDNN plan returns one tensor")
             self.output = self.value_of[node.args[0]]
             self.output_shape = _shape(node.args[0])
         elif node.op == "call_module":
-            self._read_module(node, self.modules[str(node.target)])
+            module = self.modules[str(node.target)]
+            if len(node.args) != 1 or node.kwargs:
+                raise _unsupported(node, f"{type(module).__name__} called with other arguments")
+            self._read_module(node, module, node.args[0])
+            if isinstance(module, nn.ReLU) and module.inplace:
+                self._in_place(node, node.args[0])
         elif node.op == "call_function":
             self._read_function(node, node.target, list(node.args), dict(node.kwargs))
         elif node.op == "call_method":
@@ -102,8 +127,16 @@ class _Graph:
         else:
             raise _unsupported(node)
 
-    def _read_module(self, node: torch.fx.Node, module: nn.Module) -> None:
-        (source,) = node.args
+    def _in_place(self, node: torch.fx.Node, changed: Any) -> None:
+        """After an in-place layer, every name of its input (the node and its aliases: views
+        of the whole tensor) holds the layer's result, in eager PyTorch as here: readers after
+        it read the new value. (The caller's input tensor itself is never written.)"""
+        old = self.value_of[changed]
+        new = self.value_of[node]
+        for other in self.nodes_of[old]:
+            self._bind(other, new)
+
+    def _read_module(self, node: torch.fx.Node, module: nn.Module, source: Any) -> None:
         if isinstance(module, nn.Conv2d):
             if module.padding_mode != "zeros" or isinstance(module.padding, str):
                 raise ConfigError(f"a oneDNN plan needs explicit zero padding ({node.target})")
@@ -133,36 +166,54 @@ class _Graph:
                 raise ConfigError(f"a oneDNN plan pools to 1×1 only ({node.target})")
             self._emit("avg_pool", node, [source], extra=_global_window(source))
         elif isinstance(module, nn.Linear):
-            self._emit("linear", node, [source], module=module, extra={"shape": _shape(source)})
-        elif isinstance(module, _PASS_THROUGH_MODULES):
-            self.value_of[node] = self.value_of[source]
+            # PyTorch applies Linear to the last dimension of any tensor; the plan to rows.
+            shape = _shape(source)
+            if shape is not None and (len(shape) != 2 or shape[1] != module.in_features):
+                raise ConfigError(
+                    f"a oneDNN plan applies Linear to (n, features) rows only ({node.target} "
+                    f"gets {tuple(shape)}): flatten a pooled map first"
+                )
+            self._emit("linear", node, [source], module=module)
+        elif isinstance(module, _PASS_THROUGH_MODULES) or (
+            isinstance(module, nn.Flatten)
+            and _flattens_pooled_map(source, module.start_dim, module.end_dim)
+        ):
+            self._alias(node, source)
         else:
             raise _unsupported(node, type(module).__name__)
 
     def _read_function(
         self, node: torch.fx.Node, function: Any, args: list[Any], kwargs: dict[str, Any]
     ) -> None:
-        if function in _RELU_FUNCTIONS and len(args) == 1:
+        if function in _RELU_FUNCTIONS and len(args) == 1 and set(kwargs) <= {"inplace"}:
             self._emit("relu", node, args)
+            if function is torch.relu_ or kwargs.get("inplace"):
+                self._in_place(node, args[0])
         elif function in _ADD_FUNCTIONS and len(args) == 2 and not kwargs:
             if not all(isinstance(arg, torch.fx.Node) for arg in args):
                 raise _unsupported(node, "an addition of a constant")
-            self._emit("add", node, args)
-        elif function is torch.flatten and _flattens_pooled_map(args, kwargs):
-            self.value_of[node] = self.value_of[args[0]]
+            self._emit("add", node, _full_size_first(node, args))
+            if function is operator.iadd:
+                self._in_place(node, args[0])
+        elif function is torch.flatten and set(kwargs) <= {"start_dim", "end_dim"}:
+            start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
+            end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
+            if not _flattens_pooled_map(args[0], start, end):
+                raise _unsupported(node, "a flatten of anything but a pooled (n, c, 1, 1) map")
+            self._alias(node, args[0])
         else:
             raise _unsupported(node)
 
     def _read_method(self, node: torch.fx.Node) -> None:
         args, kwargs = list(node.args), dict(node.kwargs)
-        if node.target in ("relu", "relu_"):
-            self._read_function(node, torch.relu, args, kwargs)
-        elif node.target in ("add", "add_"):
-            self._read_function(node, operator.add, args, kwargs)
-        elif node.target == "flatten":
-            self._read_function(node, torch.flatten, args, kwargs)
+        if node.target in ("relu_", "add_"):  # torch.relu_ and operator.iadd: in place
+            function = torch.relu_ if node.target == "relu_" else operator.iadd
+            self._read_function(node, function, args, kwargs)
+        elif node.target in ("relu", "add", "flatten"):
+            function = {"relu": torch.relu, "add": operator.add, "flatten": torch.flatten}
+            self._read_function(node, function[str(node.target)], args, kwargs)
         elif node.target == "contiguous" and len(args) == 1:
-            self.value_of[node] = self.value_of[args[0]]
+            self._alias(node, args[0])
         else:
             raise _unsupported(node)
 
@@ -209,6 +260,8 @@ class _Graph:
             other_index = producer.get(other, -1)  # -1: the plan's input
             in_place = (
                 conv.kind == "conv"
+                # The sum has the convolution's shape: a broadcast addend has not.
+                and self.value_shape[conv_value] == self.value_shape[other]
                 and not conv.relu
                 and conv.accumulate_into is None
                 and readers[conv_value] == [index]
@@ -268,11 +321,21 @@ def _global_window(source: Any) -> dict[str, Any]:
     return {"kernel": size, "stride": size, "before": (0, 0), "after": (0, 0)}
 
 
-def _flattens_pooled_map(args: list[Any], kwargs: dict[str, Any]) -> bool:
+def _flattens_pooled_map(source: Any, start_dim: int, end_dim: int) -> bool:
     # flatten(x, 1) on an (n, c, 1, 1) map keeps the bytes in order: the plan's value serves.
-    start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
-    shape = _shape(args[0])
-    return start == 1 and len(args) <= 2 and (shape is None or shape[2:] == (1, 1))
+    shape = _shape(source)
+    pooled = shape is None or (len(shape) == 4 and shape[2:] == (1, 1))
+    return start_dim == 1 and end_dim in (-1, 3) and pooled
+
+
+def _full_size_first(node: torch.fx.Node, addends: list[Any]) -> list[Any]:
+    """The addends with the one of the sum's shape first: oneDNN broadcasts only the second."""
+    shapes = [_shape(addend) for addend in addends]
+    if _shape(node) is None or shapes[0] == _shape(node):
+        return addends
+    if shapes[1] == _shape(node):
+        return addends[::-1]
+    raise ConfigError(f"a oneDNN plan broadcasts one addend only ({node.name}: {shapes})")
 
 
 def _unsupported(node: torch.fx.Node, what: str | None = None) -> ConfigError:
@@ -292,10 +355,14 @@ class OneDnnPlan:
     """A built plan for one input shape and layout: call it with such a tensor."""
 
     def __init__(self, model: nn.Module, example: Tensor) -> None:
-        if example.dtype != torch.float32 or example.device.type != "cpu" or example.dim() != 4:
-            raise ConfigError("a oneDNN plan runs 4-d float32 CPU inputs")
+        _check_input(example, "runs")
+        if any(module.training for module in model.modules()):
+            # It computes the eval-mode function, and tracing shapes would update BN statistics.
+            raise ConfigError("a oneDNN plan runs a model in eval mode: call model.eval() first")
         self._lib = load_onednn_plan_library()
         self._handle = self._lib.plan_new()
+        if not self._handle:
+            raise ConfigError("oneDNN could not start on this CPU")
         self._lock = threading.Lock()  # one set of buffers: one call at a time
         self.input_shape = tuple(example.shape)
         channels_last = _is_channels_last(example)
@@ -380,6 +447,7 @@ class OneDnnPlan:
                 self._pointer(module.weight),
                 self._pointer(module.bias),
                 module.out_features,
+                module.in_features,
                 int(op.relu),
             )
         else:  # pragma: no cover - _Graph emits only the kinds above
@@ -398,6 +466,7 @@ class OneDnnPlan:
         return array.data_ptr()
 
     def __call__(self, x: Tensor) -> Tensor:
+        _check_input(x, "was built for")
         if tuple(x.shape) != self.input_shape:
             raise ValueError(f"this plan was built for inputs of shape {self.input_shape}")
         x = x.contiguous(memory_format=self._memory_format)
@@ -412,6 +481,14 @@ class OneDnnPlan:
         if handle:
             self._lib.plan_free(handle)
             self._handle = None
+
+
+def _check_input(x: Tensor, verb: str) -> None:
+    # The C side reads float32 from host memory: anything else would be read as garbage.
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4:
+        raise ValueError(
+            f"a oneDNN plan {verb} 4-d float32 CPU tensors, not {x.dim()}-d {x.dtype} on {x.device}"
+        )
 
 
 def _int64s(value: Any) -> Any:

@@ -181,9 +181,13 @@ class Plan {
   // A fully connected layer on (n, c) rows or an (n, c, h, w) map that PyTorch flattened
   // (row-major, so the weight's columns are in the map's c, h, w order); dst is plain rows.
   void linear(int src, int dst, const float* weight, const float* bias, int64_t out_c,
-              bool relu) {
+              int64_t in_features, bool relu) {
     const memory::desc src_desc = value(src).get_desc();
     const memory::dims in = src_desc.get_dims();
+    int64_t features = 1;
+    for (size_t i = 1; i < in.size(); ++i) features *= in[i];
+    // The weight array holds out_c rows of in_features: never read past it.
+    if (features != in_features) throw std::runtime_error("linear: input size does not match");
     memory::dims user_dims{out_c, in[1]};
     if (in.size() == 4) user_dims = {out_c, in[1], in[2], in[3]};
     const tag user_tag = in.size() == 4 ? tag::oihw : tag::oi;
@@ -217,7 +221,9 @@ class Plan {
     const tag plain = shape.size() == 2 ? tag::nc : tag::nchw;
     const memory::desc plain_desc(shape, dt::f32, plain);
     output_ = memory(plain_desc, engine_, DNNL_MEMORY_NONE);
-    if (d != plain_desc) {  // a blocked layout inside: one reorder into the caller's layout
+    // A blocked layout inside, or the input itself (a model that computes nothing): one
+    // reorder (a copy) into the caller's tensor.
+    if (d != plain_desc || id == input_) {
       Step step{dnnl::reorder(value(id), output_), {}};
       step.args[DNNL_ARG_FROM] = value(id);
       step.args[DNNL_ARG_TO] = output_;
@@ -280,8 +286,8 @@ class Plan {
     }
     Slot& slot = slots_[best];
     if (slot.bytes < bytes) {
-      // Growing a slot after values used it would move them: give the old block to no one
-      // and keep it alive through those values' memory objects.
+      // The values that used the old block keep pointing at it (their memory objects do
+      // not own it): keep it allocated for them, and give this value a larger block.
       old_blocks_.push_back(slot.data);
       slot.data.reset(aligned_bytes(bytes), std::free);
       slot.bytes = bytes;
@@ -344,7 +350,13 @@ int guarded(Handle* h, F&& f) {
 
 extern "C" {
 
-void* plan_new() { return new Handle(); }
+void* plan_new() {
+  try {
+    return new Handle();
+  } catch (...) {  // no exception may cross into C: the caller sees a null handle
+    return nullptr;
+  }
+}
 void plan_free(void* h) { delete static_cast<Handle*>(h); }
 const char* plan_error(void* h) { return static_cast<Handle*>(h)->error.c_str(); }
 
@@ -387,9 +399,10 @@ int plan_pool(void* h, int src, int dst, int max, const int64_t* kernel, const i
 }
 
 int plan_linear(void* h, int src, int dst, const float* weight, const float* bias,
-                int64_t out_c, int relu) {
-  return guarded(static_cast<Handle*>(h),
-                 [&](Plan& p) { p.linear(src, dst, weight, bias, out_c, relu != 0); });
+                int64_t out_c, int64_t in_features, int relu) {
+  return guarded(static_cast<Handle*>(h), [&](Plan& p) {
+    p.linear(src, dst, weight, bias, out_c, in_features, relu != 0);
+  });
 }
 
 int plan_release(void* h, int id) {
