@@ -12,7 +12,7 @@ the time in malloc/free and C string functions is charged to the first caller ou
 libraries (who allocates, per forward).
 
     python benchmarks/cpu_time_by_library.py [--model resnet20] [--batch 1] [--seconds 6]
-        [--variants onednn_graph,onnxruntime_spin] [--threads 2] [--callers]
+        [--variants onednn_graph,onednn_plan,onnxruntime_spin] [--threads 2] [--callers]
 
 Needs `perf` (linux-tools) and permission to sample another process (root, or
 kernel.perf_event_paranoid ≤ 1). Writes benchmarks/results/cpu_time_by_library-<date>.json.
@@ -61,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=6.0, help="sampled per variant")
-    parser.add_argument("--variants", default="onednn_graph,onnxruntime_spin")
+    parser.add_argument("--variants", default="onednn_graph,onednn_plan,onnxruntime_spin")
     parser.add_argument("--callers", action="store_true", help="also sample call stacks")
     parser.add_argument("--out", type=Path, help="JSON path (default results/…-DATE.json)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # the variant a child process runs
@@ -118,6 +118,8 @@ def category(library: str) -> str:
         return "code perf could not place"
     if name.startswith("libtorch_cpu"):
         return "libtorch_cpu (oneDNN runtime and Graph, TorchScript, ATen)"
+    if name.startswith("libdnnl") or name.startswith("onednn_plan"):
+        return "oneDNN plan: the [onednn] extra's oneDNN runtime and the plan's C++"
     if name.startswith("libgomp") or name.startswith("libiomp"):
         return "OpenMP runtime (mostly waiting at barriers)"
     if name.startswith("libc.so") or name.startswith("libc-"):
