@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import with_trained_statistics
 from resunit import analysis, deploy
 from resunit.blocks import BasicBlock, PadShortcut
 from resunit.deploy import (
@@ -67,26 +68,9 @@ FOLD_CASES = [(name, {}) for name in _smallest_of_each_family() if name != "prea
 ]
 
 
-def _with_trained_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BN non-trivial running statistics and affine parameters, as training would.
-
-    Fresh BNs (mean 0, var 1, γ 1, β 0) are almost the identity, so folding them proves little.
-    """
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.25)
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.3)
-    return model
-
-
 def _model(name: str, **overrides) -> nn.Module:
     torch.manual_seed(0)
-    return _with_trained_statistics(create_model(name, **overrides)).eval()
+    return with_trained_statistics(create_model(name, **overrides)).eval()
 
 
 def _input(name: str, batch: int = 2) -> torch.Tensor:
@@ -113,7 +97,7 @@ def test_a_pre_activation_imagenet_stem_folds_its_bn_like_any_stem():
     # conv1 → bn1 → ReLU → max-pool: the stem BN follows a conv, so it folds (a warning used
     # to say it was left unfolded).
     torch.manual_seed(0)
-    model = _with_trained_statistics(
+    model = with_trained_statistics(
         ResNet("preact_bottleneck", [1, 1], widths=(8, 16), stem="imagenet")
     ).eval()
     x = torch.randn(2, 3, 64, 64)
@@ -175,7 +159,7 @@ class _ExtraNormBlock(BasicBlock):
 def _subclass_model(block):
     torch.manual_seed(0)
     model = ResNet(block, [1, 1, 1], (8, 16, 32), stem="cifar", num_classes=10)
-    return _with_trained_statistics(model).eval()
+    return with_trained_statistics(model).eval()
 
 
 def test_subclasses_of_the_units_are_folded():
@@ -228,7 +212,7 @@ def test_folding_leaves_the_original_untouched():
 
 def test_fold_conv_bn_keeps_an_existing_conv_bias_and_groups():
     conv = nn.Conv2d(8, 8, 3, padding=1, groups=4, bias=True)
-    bn = _with_trained_statistics(nn.Sequential(nn.BatchNorm2d(8)))[0].eval()
+    bn = with_trained_statistics(nn.Sequential(nn.BatchNorm2d(8)))[0].eval()
     x = torch.randn(2, 8, 5, 5)
     with torch.no_grad():
         assert relative_difference(fold_conv_bn(conv, bn)(x), bn(conv(x))) <= 1e-6

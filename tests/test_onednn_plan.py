@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import with_trained_statistics
 from resunit import deploy
 from resunit.blocks import DropPath
 from resunit.deploy import OneDnnPlan, native_build, onednn_plan, optimize, relative_difference
@@ -21,18 +22,8 @@ needs_plan = pytest.mark.skipif(not WORKS, reason=f"oneDNN plans unavailable: {W
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
-def _trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics, as training leaves them (fresh ones are ~identity)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.25)
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.3)
-    return model.eval()
+def _trained_like(model: nn.Module) -> nn.Module:
+    return with_trained_statistics(model).eval()
 
 
 def _float64_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,15 @@ VARIANT_DESCRIPTIONS = {
 }
 
 
+# The compiled float32 variants: optimize's compile= value, the check that it works here, and
+# what to call it when it does not.
+_COMPILED: dict[str, tuple[bool | str, Callable[[], tuple[bool, str]], str]] = {
+    "compiled": (True, compile_works, "torch.compile"),
+    "onednn_graph": ("onednn_graph", onednn_graph_works, "oneDNN Graph fusion"),
+    "onednn_plan": ("onednn_plan", onednn_plan_works, "a oneDNN plan"),
+}
+
+
 def build_variants(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -115,24 +124,13 @@ def build_variants(
                 add(name, optimize(eager, channels_last=False))
             elif name == "folded_cl":
                 add(name, optimize(eager, channels_last=True))
-            elif name == "compiled":
-                works, why = compile_works()
+            elif name in _COMPILED:
+                compiler, works_here, failure = _COMPILED[name]
+                works, why = works_here()
                 if works:
-                    add(name, optimize(eager, channels_last=True, compile=True))
+                    add(name, optimize(eager, channels_last=True, compile=compiler))
                 else:
-                    skipped[name] = f"torch.compile does not work here ({why})"
-            elif name == "onednn_graph":
-                works, why = onednn_graph_works()
-                if works:
-                    add(name, optimize(eager, channels_last=True, compile="onednn_graph"))
-                else:
-                    skipped[name] = f"oneDNN Graph fusion does not work here ({why})"
-            elif name == "onednn_plan":
-                works, why = onednn_plan_works()
-                if works:
-                    add(name, optimize(eager, channels_last=True, compile="onednn_plan"))
-                else:
-                    skipped[name] = f"oneDNN plans do not work here ({why})"
+                    skipped[name] = f"{failure} does not work here ({why})"
             elif name in ("onnxruntime", "onnxruntime_spin", "int8", "int8_spin"):
                 # One file per model for both thread settings: float32 exported, int8 quantized.
                 spin = name.endswith("_spin")
