@@ -51,13 +51,19 @@ PLAN_CASES = [
 @pytest.mark.parametrize(("name", "overrides"), PLAN_CASES, ids=lambda v: str(v or ""))
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_a_plan_computes_the_original_function(name, overrides, channels_last):
+    torch.manual_seed(0)
     model = _trained_like(create_model(name, num_classes=10, **overrides))
     # 33×33: odd sizes reach ceil_mode and padding edge cases in every stage.
     x = torch.randn(3, 3, 33, 33, generator=torch.Generator().manual_seed(1))
     fast = optimize(model, channels_last=channels_last, compile="onednn_plan")
     expected = _float64_reference(model, x)
-    assert relative_difference(fast(x).double(), expected) <= 1e-5
-    assert relative_difference(fast(x[:1]).double(), expected[:1]) <= 1e-5  # its own plan
+    with torch.no_grad():
+        eager_error = relative_difference(model(x).double(), expected)
+    # As close to the float64 result as eager float32 is, within rounding in another order:
+    # 110 layers of random weights take eager float32 itself to ~6e-6 for some seeds.
+    tolerance = max(1e-5, 3 * eager_error)
+    assert relative_difference(fast(x).double(), expected) <= tolerance
+    assert relative_difference(fast(x[:1]).double(), expected[:1]) <= tolerance  # own plan
     assert len(fast.graphs) == 2
     assert not fast(x).requires_grad
 
@@ -396,3 +402,91 @@ def _onednn_installed() -> bool:
         return all(importlib.metadata.files(p) for p in native_build.ONEDNN_PACKAGES)
     except importlib.metadata.PackageNotFoundError:
         return False
+
+
+class _ReadAfterAugmentedAddition(nn.Module):
+    # fx records `h += r` as an ordinary addition, so its graph reads the old h through
+    # `kept`; eager PyTorch changed that tensor in place. Only the model itself can tell.
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        kept = h
+        h += self.conv(h)
+        return torch.relu(kept)
+
+
+@needs_plan
+def test_a_plan_that_computes_another_function_than_its_model_is_refused():
+    torch.manual_seed(0)
+    model = _ReadAfterAugmentedAddition().eval()
+    with pytest.raises(ConfigError, match="computes another function than the model"):
+        OneDnnPlan(model, torch.randn(1, 3, 8, 8))
+
+
+@needs_plan
+def test_forward_hooks_are_refused_rather_than_skipped():
+    model = _trained_like(create_model("resnet20", shortcut="projection"))
+    x = torch.randn(1, 3, 32, 32)
+    handle = model.fc.register_forward_hook(lambda module, args, out: out * 0.5)
+    with pytest.raises(ConfigError, match="forward hooks on fc"):
+        OneDnnPlan(model, x)
+    handle.remove()
+    handle = model.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    with pytest.raises(ConfigError, match="the model's forward hooks"):
+        OneDnnPlan(model, x)
+    handle.remove()
+    OneDnnPlan(model, x)  # without hooks it builds
+
+
+@needs_plan
+def test_building_leaves_the_caller_s_input_alone_even_for_in_place_layers():
+    model = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(3, 4, 3)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    kept = x.clone()
+    out = OneDnnPlan(model, x)(x)
+    assert torch.equal(x, kept)
+    with torch.no_grad():
+        assert relative_difference(out, model(x.clone())) <= 1e-6
+
+
+@needs_plan
+def test_the_output_is_float32_whatever_the_default_dtype(monkeypatch):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    plan = OneDnnPlan(model, x)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = plan(x)
+    finally:
+        torch.set_default_dtype(before)
+    assert out.dtype == torch.float32
+    with torch.no_grad():
+        assert relative_difference(out, model(x)) <= 1e-6
+
+
+@needs_plan
+def test_a_deep_copy_builds_its_own_plans_and_computes_the_same():
+    # Deploy steps deep-copy the models they are given; a plan's C pointers cannot be copied.
+    model = _trained_like(create_model("resnet20"))
+    fast = optimize(model, compile="onednn_plan")
+    x = torch.randn(1, 3, 32, 32)
+    first = fast(x)
+    clone = copy.deepcopy(fast)
+    assert clone.graphs == {} and len(fast.graphs) == 1
+    assert torch.equal(clone(x), first)
+    assert clone.model is not fast.model
+
+
+def test_bench_skips_the_variant_with_its_reason_where_plans_cannot_be_built(monkeypatch):
+    monkeypatch.setattr(
+        native_build, "_load_once", lambda: ConfigError("oneDNN is not installed: test")
+    )
+    variants, skipped = deploy.build_variants(
+        nn.Sequential(nn.Conv2d(3, 4, 3)), (3, 8, 8), ["folded", "onednn_plan"]
+    )
+    assert list(variants) == ["folded"]
+    assert "oneDNN is not installed: test" in skipped["onednn_plan"]

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from resunit.blocks import PadShortcut
 from resunit.deploy.cache_pieces import SPLIT_FROM_CACHES, cache_sized_batch
 from resunit.deploy.folding import fold_batchnorm, relative_difference
-from resunit.deploy.module_surgery import replace_modules
+from resunit.deploy.module_surgery import has_hooks, replace_modules
 from resunit.deploy.native_build import load_onednn_plan_library
 from resunit.deploy.onednn_plan import OneDnnPlan, check_plan_supported
 from resunit.errors import ConfigError, first_line
@@ -322,7 +322,7 @@ class PerShapeModel(InferenceModel):
 
     def __init__(self, model: nn.Module, channels_last: bool) -> None:
         super().__init__(model, channels_last)
-        # (shape, strides, dtype, device, threads) → warm traced graph, in the order first seen.
+        # (shape, strides, dtype, device, threads) → warm built graph, in the order first seen.
         self.graphs: dict[tuple[Any, ...], Callable[[Tensor], Tensor]] = {}
         # (image shape, dtype, device) → the largest batch run in one piece (None: any).
         self.piece_sizes: dict[tuple[Any, ...], int | None] = {}
@@ -340,7 +340,7 @@ class PerShapeModel(InferenceModel):
         if piece is not None and len(x) >= SPLIT_FROM_CACHES * piece:
             # Pieces as even as can be (sizes differ by at most one): at most two traces. A
             # plain loop, not a comprehension: on Python < 3.12 that is one more frame between
-            # the caller and _warn_untraced's stacklevel.
+            # the caller and _warn_unbuilt's stacklevel.
             outputs = []
             for part in x.tensor_split(math.ceil(len(x) / piece)):
                 outputs.append(self._run(part))
@@ -375,15 +375,15 @@ class PerShapeModel(InferenceModel):
         graph = self.graphs.get(key)
         with torch.no_grad():
             if graph is None and len(self.graphs) < MAX_ONEDNN_GRAPHS:
-                graph = self._trace(x, key)  # None if other threads took the last places
+                graph = self._graph_for(x, key)  # None if other threads took the last places
             if graph is None:
-                self._warn_untraced()
+                self._warn_unbuilt()
                 return self.model(x)
             return graph(x)
 
-    def _trace(self, x: Tensor, key: tuple[Any, ...]) -> Callable[[Tensor], Tensor] | None:
+    def _graph_for(self, x: Tensor, key: tuple[Any, ...]) -> Callable[[Tensor], Tensor] | None:
         with _FIRST_CALL_LOCK:
-            graph = self.graphs.get(key)  # another thread may have traced it while we waited
+            graph = self.graphs.get(key)  # another thread may have built it while we waited
             if graph is not None or len(self.graphs) >= MAX_ONEDNN_GRAPHS:
                 return graph
             self.model.eval()  # before anything runs it: BatchNorm must not update statistics
@@ -395,8 +395,8 @@ class PerShapeModel(InferenceModel):
         """The warm graph for inputs like ``x`` (the model is in eval mode)."""
         raise NotImplementedError
 
-    def _warn_untraced(self) -> None:
-        # Unlocked: two threads may both warn once; untraced calls never wait for a trace.
+    def _warn_unbuilt(self) -> None:
+        # Unlocked: two threads may both warn once; unbuilt calls never wait for a build.
         if not self._warned_untraced:
             self._warned_untraced = True
             warnings.warn(
@@ -409,8 +409,8 @@ class PerShapeModel(InferenceModel):
 
 
 MAX_ONEDNN_GRAPHS = 8
-"""How many (input shape, thread count) pairs one :class:`OneDnnGraphModel` traces; later
-ones run eagerly."""
+"""How many (input shape, thread count) pairs one :class:`PerShapeModel` builds a graph for
+(a oneDNN Graph trace, a oneDNN plan); later ones run eagerly."""
 
 
 class OneDnnGraphModel(PerShapeModel):
@@ -460,18 +460,30 @@ class OneDnnPlanModel(PerShapeModel):
     The same bookkeeping as :class:`OneDnnGraphModel` (:class:`PerShapeModel`: one plan per
     shape and thread count, built on the first call and shared by threads; large batches in
     cache-sized pieces), but instead of a TorchScript trace each shape gets a
-    :class:`~resunit.deploy.OneDnnPlan`: the
-    layers' primitives created once and executed in a row from one C call, without PyTorch
-    between them. On 2 cores it ran ResNet-20 at batch 1 in ~200 µs against ~330 µs for the
-    oneDNN Graph trace (BENCHMARKS.md). One call at a time runs each plan (its buffers are
-    shared); calls from several threads take turns.
+    :class:`~resunit.deploy.OneDnnPlan`: the layers' primitives created once and executed in a
+    row from one C call, without PyTorch between them. Sampled on 2 cores, a ResNet-20 forward
+    at batch 1 took 257 µs so against 334 µs as the oneDNN Graph trace (BENCHMARKS.md). One
+    call at a time runs each plan (its buffers are shared); calls from several threads take
+    turns. Each plan keeps its own copy of the weights in oneDNN's layouts and its buffers:
+    a ResNet-50 took 110 MB more memory for its plan at batch 1, 142 MB more for batch 2.
 
     Inside, oneDNN picks its own (blocked) layouts; ``channels_last`` says which layout the
-    first convolution reads. NHWC made ResNet-50 at 224×224 10% faster at batch 1 (conversion
-    included: 17.5 against 19.6 ms) and cost ResNet-20 at 32×32 3% (211 against 203 µs).
+    first convolution reads. With NHWC a ResNet-50 forward at 224×224 and batch 1 took 17.5 ms
+    against 19.6 ms with NCHW (conversion included), a ResNet-20's at 32×32 211 µs against 203
+    (ad-hoc timings, 2 cores).
     """
 
     kind = "oneDNN plan"
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> OneDnnPlanModel:
+        # A plan holds C pointers, which cannot be copied: the copy builds its own plans on
+        # its first calls (deploy steps deep-copy the models they are given).
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for name, value in self.__dict__.items():
+            copied = {} if name == "graphs" else copy.deepcopy(value, memo)
+            object.__setattr__(clone, name, copied)
+        return clone
 
     def __init__(self, model: nn.Module, channels_last: bool) -> None:
         # Refused now rather than on the first call: no oneDNN or compiler, or a layer a plan
@@ -542,7 +554,7 @@ def _head_as_convolution(model: nn.Module, x: Tensor, channels_last: bool) -> nn
         and model.avgpool.output_size in (1, (1, 1))
         and type(model.fc) is nn.Linear
         and model.fc.bias is not None
-        and not any(_has_hooks(m) for m in (model, model.avgpool, model.fc))
+        and not any(has_hooks(m) for m in (model, model.avgpool, model.fc))
     )
     if not plain_resnet:
         return model
@@ -554,18 +566,6 @@ def _head_as_convolution(model: nn.Module, x: Tensor, channels_last: bool) -> nn
     if model.fc.weight.numel() * height * width > _MAX_HEAD_CONVOLUTION_MACS:
         return model
     return _HeadAsConvolution(model, height, width, channels_last)
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    # Hooks a rewritten head would skip: the module's own and the process-wide ones.
-    from torch.nn.modules import module as module_globals
-
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module_globals._global_forward_hooks
-        or module_globals._global_forward_pre_hooks
-    )
 
 
 def _apply_onednn_fusion(enabled: bool) -> Callable[[], None]:

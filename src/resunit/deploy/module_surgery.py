@@ -1,4 +1,5 @@
-"""Module surgery shared by the deploy steps: swap every submodule of one kind for another."""
+"""Module surgery shared by the deploy steps: swap every submodule of one kind for another,
+and ask whether a module runs hooks that a rewrite would skip."""
 
 from __future__ import annotations
 
@@ -26,6 +27,23 @@ def replace_modules(
     return model
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs forward hooks: its own or the process-wide ones.
+
+    A rewrite that computes the module some other way (a head as one convolution, a layer as
+    a oneDNN primitive) would skip them, and with them whatever they change.
+    """
+    from torch.nn.modules import module as module_globals
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module_globals._global_forward_hooks
+        or module_globals._global_forward_pre_hooks
+    )
+
+
 __all__ = [
+    "has_hooks",
     "replace_modules",
 ]

@@ -29,7 +29,9 @@ from resunit.errors import ConfigError
 
 SOURCE = Path(__file__).with_name("native") / "onednn_plan.cpp"
 ONEDNN_PACKAGES = ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")
-INSTALL_HINT = "install resunit's 'onednn' extra (pip install 'resunit[onednn]')"
+INSTALL_HINT = (
+    "install resunit's 'onednn' extra, for Linux on x86-64: pip install 'resunit[onednn]'"
+)
 
 
 def _installed_file(package: str, name: str) -> Path:
@@ -41,7 +43,7 @@ def _installed_file(package: str, name: str) -> Path:
     for file in files:
         if file.name == name:
             return Path(str(file.locate())).resolve()
-    raise ConfigError(f"the {package} package has no {name}: reinstall it ({INSTALL_HINT})")
+    raise ConfigError(f"the {package} package has no {name}; reinstall it: {INSTALL_HINT}")
 
 
 def _compiler() -> list[str]:
@@ -60,7 +62,7 @@ def _cache_folder() -> Path:
     return Path(base) / "resunit" / "native"
 
 
-# -isystem keeps oneDNN's own warnings out; the rpath finds it without LD_LIBRARY_PATH.
+# -fopenmp: the plan sets the caller's thread count with omp_set_num_threads.
 FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 
 
@@ -105,6 +107,7 @@ def _build(compiler: list[str], include: Path, library_folder: Path, target: Pat
     # Written under a temporary name and renamed: concurrent first uses never load half a file.
     handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
     os.close(handle)
+    # -isystem keeps oneDNN's own warnings out; the rpath finds it without LD_LIBRARY_PATH.
     command = [
         *compiler, *FLAGS, str(SOURCE), "-isystem", str(include), "-L", str(library_folder),
         "-ldnnl", f"-Wl,-rpath,{library_folder}", "-o", temporary,

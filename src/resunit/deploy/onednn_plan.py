@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from resunit.deploy.folding import relative_difference
+from resunit.deploy.module_surgery import has_hooks
 from resunit.deploy.native_build import load_onednn_plan_library
 from resunit.errors import ConfigError, first_line
 
@@ -45,6 +47,9 @@ _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 # In eval mode these return their input (the plan refuses models in training mode).
 _PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
 _TAKES_RELU = ("conv", "batch_norm", "add", "linear")  # the layers that fuse a ReLU after them
+# A plan differs from eager PyTorch by float32 rounding in another order (≤ 2e-6 relative in
+# the tests, 110 layers deep); more than this is another function.
+PLAN_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -74,11 +79,13 @@ class _Graph:
                 f"torch.fx cannot trace this model for a oneDNN plan "
                 f"({type(exc).__name__}: {first_line(exc)}); use compile='onednn_graph'"
             ) from exc
+        if has_hooks(model):  # fx calls the root's forward, never its hooks
+            raise ConfigError("a oneDNN plan would skip the model's forward hooks")
         if example is not None:
             with torch.no_grad():
-                ShapeProp(traced).propagate(example)
+                # A copy: an in-place layer on the input must not change the caller's tensor.
+                ShapeProp(traced).propagate(example.clone())
         self.modules = dict(traced.named_modules())
-        self.order = {node: index for index, node in enumerate(traced.graph.nodes)}
         self.ops: list[_Op] = []
         self.value_of: dict[torch.fx.Node, int] = {}
         self.nodes_of: dict[int, list[torch.fx.Node]] = {}  # a value's node and its aliases
@@ -115,6 +122,8 @@ class _Graph:
             self.output_shape = _shape(node.args[0])
         elif node.op == "call_module":
             module = self.modules[str(node.target)]
+            if has_hooks(module):  # eager PyTorch would run them; the plan cannot
+                raise ConfigError(f"a oneDNN plan would skip the forward hooks on {node.target}")
             if len(node.args) != 1 or node.kwargs:
                 raise _unsupported(node, f"{type(module).__name__} called with other arguments")
             self._read_module(node, module, node.args[0])
@@ -130,7 +139,12 @@ class _Graph:
     def _in_place(self, node: torch.fx.Node, changed: Any) -> None:
         """After an in-place layer, every name of its input (the node and its aliases: views
         of the whole tensor) holds the layer's result, in eager PyTorch as here: readers after
-        it read the new value. (The caller's input tensor itself is never written.)"""
+        it read the new value. (The caller's input tensor itself is never written.)
+
+        fx records only the in-place calls it sees: ``x.add_(y)``, ``torch.relu_(x)``,
+        ``ReLU(inplace=True)``. ``x += y`` reaches it as an ordinary addition, so a model
+        that reads ``x`` under another name afterwards differs from its graph; the check
+        against the model itself when a plan is built (:class:`OneDnnPlan`) catches that."""
         old = self.value_of[changed]
         new = self.value_of[node]
         for other in self.nodes_of[old]:
@@ -153,7 +167,7 @@ class _Graph:
             self._emit("max_pool", node, [source], module=module, extra=_window(module, source))
         elif isinstance(module, nn.AvgPool2d):
             # oneDNN averages over the cells inside the image, PyTorch's count_include_pad=False;
-            # without padding (ceil_mode's overhang aside) the two counts agree.
+            # without padding the two counts agree (ceil_mode's overhang counts in neither).
             counts_padding = module.count_include_pad and _pair(module.padding) != (0, 0)
             if counts_padding or module.divisor_override is not None:
                 raise ConfigError(
@@ -375,6 +389,24 @@ class OneDnnPlan:
         self._arrays: list[Tensor] = []
         self._call("plan_input", 0, *self.input_shape, int(channels_last))
         self._output_dims = self._build(ops, graph.output)
+        self._check_against(model, example)
+
+    def _check_against(self, model: nn.Module, example: Tensor) -> None:
+        """Refuse a plan that computes another function than ``model`` on ``example``.
+
+        The fx graph is what the plan is built from, and fx does not see everything eager
+        PyTorch does (``x += y`` on a tensor read again under another name, say): one forward
+        of the model itself is the proof, as every other path in ``resunit.deploy`` gives."""
+        with torch.no_grad():
+            expected = model(example.clone())
+        if expected.numel() == 0:
+            return
+        difference = relative_difference(self(example), expected)
+        if difference > PLAN_TOLERANCE:
+            raise ConfigError(
+                f"the oneDNN plan computes another function than the model (relative difference "
+                f"{difference:.1e} on the first input); use compile='onednn_graph'"
+            )
 
     def _build(self, ops: list[_Op], output: int) -> tuple[int, ...]:
         last_reader: dict[int, int] = {}
@@ -470,7 +502,7 @@ class OneDnnPlan:
         if tuple(x.shape) != self.input_shape:
             raise ValueError(f"this plan was built for inputs of shape {self.input_shape}")
         x = x.contiguous(memory_format=self._memory_format)
-        out = torch.empty(self._output_dims)
+        out = torch.empty(self._output_dims, dtype=torch.float32)  # not the default dtype
         with self._lock:
             # ctypes lets go of the GIL for the call: other Python threads run meanwhile.
             self._call("plan_run", x.data_ptr(), out.data_ptr(), torch.get_num_threads())
@@ -510,8 +542,8 @@ def onednn_plan_works() -> tuple[bool, str]:
             difference = (plan(x) - net(x)).abs().max().item()
         if difference > 1e-5:
             return False, "its output differs from the model's"
-    except (ConfigError, OSError) as exc:  # OSError: the built library would not load
-        return False, str(exc)[:200]
+    except Exception as exc:  # whatever stops it here, bench skips the variant and says why
+        return False, f"{type(exc).__name__}: {first_line(exc)}"[:200]
     return True, ""
 
 

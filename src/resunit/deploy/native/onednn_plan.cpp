@@ -178,8 +178,8 @@ class Plan {
     add_step(std::move(step), pd.scratchpad_desc());
   }
 
-  // A fully connected layer on (n, c) rows or an (n, c, h, w) map that PyTorch flattened
-  // (row-major, so the weight's columns are in the map's c, h, w order); dst is plain rows.
+  // A fully connected layer on (n, c) rows, or on a pooled (n, c, 1, 1) map that PyTorch
+  // flattened into such rows (the caller refuses anything else); dst is plain rows.
   void linear(int src, int dst, const float* weight, const float* bias, int64_t out_c,
               int64_t in_features, bool relu) {
     const memory::desc src_desc = value(src).get_desc();
