@@ -490,3 +490,33 @@ def test_bench_skips_the_variant_with_its_reason_where_plans_cannot_be_built(mon
     )
     assert list(variants) == ["folded"]
     assert "oneDNN is not installed: test" in skipped["onednn_plan"]
+
+
+@needs_plan
+def test_a_batch_that_overflows_the_cache_runs_as_plans_for_even_pieces(monkeypatch):
+    from resunit.deploy import cache_pieces
+
+    model = _trained_like(create_model("resnet20"))
+    x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    per_image = cache_pieces.unit_working_set(model, x[:1])
+    monkeypatch.setattr(cache_pieces, "last_level_cache_bytes", lambda: 3 * per_image)
+    fast = optimize(model, compile="onednn_plan")
+    out = fast(x)  # 12 images are over 4 caches' worth (4 × 3): pieces of 3
+    assert [key[0][0] for key in fast.graphs] == [3]
+    assert relative_difference(out.double(), _float64_reference(model, x)) <= 1e-5
+
+
+@needs_plan
+@pytest.mark.parametrize(
+    ("overrides", "shape"),
+    [({"in_chans": 1}, (2, 1, 28, 28)), ({"num_classes": 0}, (2, 3, 32, 32))],
+    ids=["one-channel input", "features, no classifier"],
+)
+def test_other_inputs_and_heads_compute_the_model(overrides, shape):
+    torch.manual_seed(0)
+    model = _trained_like(create_model("resnet20", **overrides))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    out = optimize(model, compile="onednn_plan")(x)
+    expected = _float64_reference(model, x)
+    assert out.shape == expected.shape
+    assert relative_difference(out.double(), expected) <= 1e-5
