@@ -300,7 +300,8 @@ class PerShapeModel(InferenceModel):
     graph, built on the first call with that shape and warm before that call returns, so the
     first result already comes from it. The first :data:`MAX_ONEDNN_GRAPHS` of these are built;
     later ones run the folded model eagerly (with a warning, once, and without waiting for
-    other threads' builds): each trace took ~55 MB more memory for a ResNet-50, and in a test
+    other threads' builds): each trace took ~55 MB more memory for a ResNet-50 (each plan
+    110-140 MB), and in a test
     during review a dropped trace's memory did not come back (~13 MB per ResNet-20 trace, after
     gc and malloc_trim), so a model fed ever-new shapes must stop building rather than replace
     old graphs.
@@ -326,7 +327,7 @@ class PerShapeModel(InferenceModel):
         self.graphs: dict[tuple[Any, ...], Callable[[Tensor], Tensor]] = {}
         # (image shape, dtype, device) → the largest batch run in one piece (None: any).
         self.piece_sizes: dict[tuple[Any, ...], int | None] = {}
-        self._warned_untraced = False
+        self._warned_unbuilt = False
 
     def forward(self, x: Tensor) -> Tensor:
         # Converted here, not in the trace: given an NCHW input, oneDNN Graph reorders it
@@ -397,8 +398,8 @@ class PerShapeModel(InferenceModel):
 
     def _warn_unbuilt(self) -> None:
         # Unlocked: two threads may both warn once; unbuilt calls never wait for a build.
-        if not self._warned_untraced:
-            self._warned_untraced = True
+        if not self._warned_unbuilt:
+            self._warned_unbuilt = True
             warnings.warn(
                 f"this {self.kind} model has built {MAX_ONEDNN_GRAPHS} graphs for input shapes "
                 "and thread counts (MAX_ONEDNN_GRAPHS); further ones run the folded model unfused",
