@@ -301,10 +301,9 @@ class PerShapeModel(InferenceModel):
     first result already comes from it. The first :data:`MAX_ONEDNN_GRAPHS` of these are built;
     later ones run the folded model eagerly (with a warning, once, and without waiting for
     other threads' builds): each trace took ~55 MB more memory for a ResNet-50 (each plan
-    110-140 MB), and in a test
-    during review a dropped trace's memory did not come back (~13 MB per ResNet-20 trace, after
-    gc and malloc_trim), so a model fed ever-new shapes must stop building rather than replace
-    old graphs.
+    110-140 MB), and in a test during review a dropped trace's memory did not come back (~13
+    MB per ResNet-20 trace, after gc and malloc_trim), so a model fed ever-new shapes must stop
+    building rather than replace old graphs.
 
     A batch whose residual units' tensors would fill the CPU's last-level cache four times
     over runs in even, cache-sized pieces (:mod:`~resunit.deploy.cache_pieces`), each built
