@@ -220,18 +220,18 @@ class Plan {
     const memory::dims shape = d.get_dims();
     const tag plain = shape.size() == 2 ? tag::nc : tag::nchw;
     const memory::desc plain_desc(shape, dt::f32, plain);
-    output_ = memory(plain_desc, engine_, DNNL_MEMORY_NONE);
     // A blocked layout inside, or the input itself (a model that computes nothing): one
-    // reorder (a copy) into the caller's tensor.
+    // reorder (a copy) into the caller's tensor. Otherwise the last step writes the caller's
+    // tensor directly: output_ is then the value's own memory object (a shared handle), so
+    // rebinding it per call rebinds that step's destination too.
     if (d != plain_desc || id == input_) {
+      output_ = memory(plain_desc, engine_, DNNL_MEMORY_NONE);
       Step step{dnnl::reorder(value(id), output_), {}};
       step.args[DNNL_ARG_FROM] = value(id);
       step.args[DNNL_ARG_TO] = output_;
       steps_.push_back(std::move(step));
-      output_is_value_ = false;
     } else {
-      output_value_ = id;
-      output_is_value_ = true;
+      output_ = value(id);
     }
     *rank = static_cast<int>(shape.size());
     std::copy(shape.begin(), shape.end(), dims);
@@ -247,12 +247,7 @@ class Plan {
     // a Python thread that never ran a torch op would otherwise use every core.
     if (threads > 0 && omp_get_max_threads() != threads) omp_set_num_threads(threads);
     values_.at(input_).set_data_handle(in);
-    if (output_is_value_) {
-      // The last step writes the caller's tensor directly.
-      values_.at(output_value_).set_data_handle(out);
-    } else {
-      output_.set_data_handle(out);
-    }
+    output_.set_data_handle(out);
     for (auto& step : steps_) step.primitive.execute(stream_, step.args);
     stream_.wait();
   }
@@ -323,8 +318,6 @@ class Plan {
   memory scratchpad_;
   size_t scratchpad_bytes_ = 0;
   int input_ = -1;
-  int output_value_ = -1;
-  bool output_is_value_ = false;
 };
 
 // Errors cross the C boundary as a return code and a message kept per plan.
